@@ -1,0 +1,1 @@
+"""Evaluation of the pipeline's stages against public benchmarks."""

@@ -1,0 +1,28 @@
+"""The weights manifest (weights/manifest.json): provenance and hashes of every model we use."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from functools import lru_cache
+from pathlib import Path
+
+MANIFEST = Path(__file__).resolve().parents[1] / "weights" / "manifest.json"
+
+
+@lru_cache(maxsize=1)
+def manifest_models() -> tuple[dict, ...]:
+    return tuple(json.loads(MANIFEST.read_text(encoding="utf-8"))["models"])
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def known_model(sha256: str) -> dict | None:
+    """The manifest entry of a file with this hash, if it is one we know."""
+    return next((m for m in manifest_models() if m.get("sha256") == sha256), None)
