@@ -9,6 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import IO
 
+from pipeline.detect.checkpoints import CheckpointError
 from pipeline.detect import DetectorConfig, DetectorSettings, RetinaFaceDetector, build_detector
 from pipeline.image_io import ImageError, load_image, save_image
 from pipeline.render import draw_numbered_faces
@@ -90,6 +91,28 @@ def cmd_bench_detect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_swap_aligned(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from pipeline.swap.simswap import SimSwapSwapper, to_uint8
+
+    set_threads(args.threads)
+    try:
+        target, source = load_image(args.target), load_image(args.source)
+    except ImageError as exc:
+        raise SystemExit(f"facechange: {exc}") from exc
+    swapper = SimSwapSwapper.from_files(args.simswap_checkpoint, args.arcface, resolve_device(args.device))
+    try:
+        output = swapper.generate(target, swapper.latent(source))
+    except ValueError as exc:  # a target that is not an aligned 224 crop
+        raise SystemExit(f"facechange: {exc}") from exc
+    if args.save_array:
+        np.save(args.save_array, output.numpy().astype(np.float32))
+    if args.output:
+        save_image(to_uint8(output), args.output)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from pipeline.detect.detector import ANONYMIZE_THRESHOLD
 
@@ -114,12 +137,27 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeats", type=int, default=3)
     _add_detector_options(bench, ANONYMIZE_THRESHOLD)
     bench.set_defaults(handler=cmd_bench_detect)
+
+    swap_aligned = commands.add_parser(
+        "swap-aligned", help="SimSwap on an aligned 224x224 target with an aligned source's identity")
+    swap_aligned.add_argument("--simswap-checkpoint", required=True, metavar="latest_net_G.pth")
+    swap_aligned.add_argument("--arcface", required=True, metavar="arcface_checkpoint.tar")
+    swap_aligned.add_argument("--target", required=True, metavar="IMAGE", help="aligned 224x224 face to change")
+    swap_aligned.add_argument("--source", required=True, metavar="IMAGE", help="aligned face giving the identity")
+    swap_aligned.add_argument("--save-array", metavar="OUT.npy", help="raw generator output, 1x3x224x224 float32")
+    swap_aligned.add_argument("--output", metavar="OUT.png", help="the swapped crop as an image")
+    swap_aligned.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    swap_aligned.add_argument("--threads", type=int, default=None, help="CPU threads for inference")
+    swap_aligned.set_defaults(handler=cmd_swap_aligned)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.handler(args)
+    try:
+        return args.handler(args)
+    except (CheckpointError, FileNotFoundError) as exc:  # user-supplied files: a message, not a traceback
+        raise SystemExit(f"facechange: {exc}") from exc
 
 
 if __name__ == "__main__":

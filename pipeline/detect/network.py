@@ -75,17 +75,28 @@ class RetinaFaceNet(nn.Module):
         self.BboxHead = make_bbox_head(fpn_num=3, inchannels=spec.out_channel)
         self.LandmarkHead = make_landmark_head(fpn_num=3, inchannels=spec.out_channel)
 
+    def feature_maps(self, images: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The backbone stage outputs and the three SSH maps, all at strides 8, 16, 32."""
+        body = list(self.body(images).values())
+        fpn = self.fpn(body)
+        return body, [self.ssh1(fpn[0]), self.ssh2(fpn[1]), self.ssh3(fpn[2])]
+
     def features(self, images: torch.Tensor) -> list[torch.Tensor]:
         """The three SSH feature maps (strides 8, 16, 32) that every head reads."""
-        fpn = self.fpn(list(self.body(images).values()))
-        return [self.ssh1(fpn[0]), self.ssh2(fpn[1]), self.ssh3(fpn[2])]
+        return self.feature_maps(images)[1]
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        feats = self.features(images)
+    def forward_with_maps(
+        self, images: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+        """The detection outputs plus the maps they came from, so attribute heads reuse the same pass."""
+        body, feats = self.feature_maps(images)
         loc = torch.cat([head(f) for head, f in zip(self.BboxHead, feats)], dim=1)
         conf = torch.cat([head(f) for head, f in zip(self.ClassHead, feats)], dim=1)
         landmarks = torch.cat([head(f) for head, f in zip(self.LandmarkHead, feats)], dim=1)
-        return loc, conf, landmarks
+        return loc, conf, landmarks, body, feats
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.forward_with_maps(images)[:3]
 
 
 def prior_boxes(height: int, width: int, min_sizes: tuple[tuple[int, int], ...]) -> np.ndarray:

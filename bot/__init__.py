@@ -1,0 +1,1 @@
+"""Telegram front end (issue 7)."""
