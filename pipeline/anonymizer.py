@@ -1,0 +1,165 @@
+"""The one API the front ends use: load every model once, then detect -> select -> generate -> swap."""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.detect import DetectorConfig, RetinaFaceDetector, build_detector
+from pipeline.generate.dcgan import load_dcgan
+from pipeline.generate.matching import LatentAxes, SyntheticFaceSource, Target
+from pipeline.runtime import cache_dir, resolve_device, set_threads
+from pipeline.select import mark_kept, number_in_reading_order
+from pipeline.swap.blend import paste_synthetic
+from pipeline.swap.masks import face_mask, inner_face_mask
+from pipeline.swap.obscure import blur_face, pixelate_face
+from pipeline.types import TREATMENTS, Face, Replacement
+
+WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
+DEFAULT_LATENT_AXES = WEIGHTS_DIR / "dcgan_latent_axes.json"
+
+
+@dataclass(frozen=True)
+class AnonymizerConfig:
+    detector: DetectorConfig = field(default_factory=DetectorConfig)
+    latent_axes: Path | None = DEFAULT_LATENT_AXES
+    device: str = "auto"
+    threads: int | None = None
+    # Beyond this yaw (nose offset over eye distance) a frontal synthetic face cannot be aligned
+    # convincingly onto a profile: such faces get the blur instead of a broken face.
+    max_yaw: float = 0.45
+    # Below this size a face is a few blurry pixels: a blur hides it as well as a new face would.
+    min_synthetic_size: float = 12.0
+
+
+@dataclass
+class StageTimes:
+    """Seconds spent per stage in the last call, for benchmarks."""
+
+    seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+
+    def add(self, stage: str, start: float) -> None:
+        self.seconds[stage] += time.perf_counter() - start
+
+
+def face_seed(seed: int, number: int) -> int:
+    """Each face's own seed, so one face can be re-rolled without changing the others."""
+    return (seed * 1_000_003 + number * 7_919) % (2**31 - 1)
+
+
+class Anonymizer:
+    def __init__(self, cfg: AnonymizerConfig | None = None) -> None:
+        cfg = cfg or AnonymizerConfig()
+        self.cfg = cfg
+        set_threads(cfg.threads)
+        self.device = resolve_device(cfg.device)
+        self.detector: RetinaFaceDetector = build_detector(cfg.detector, self.device, cache_dir())
+        axes = LatentAxes.load(cfg.latent_axes) if cfg.latent_axes and cfg.latent_axes.is_file() else None
+        self.faces_source = SyntheticFaceSource(load_dcgan(), self.analyze_synthetic, axes, self.device)
+        self.times = StageTimes()
+
+    def detect(self, image_rgb: np.ndarray) -> list[Face]:
+        start = time.perf_counter()
+        faces = number_in_reading_order(self.detector.detect(image_rgb))
+        self.times.add("detect", start)
+        return faces
+
+    def analyze_synthetic(self, images: list[np.ndarray]) -> list[Face | None]:
+        """Our detector's view of generated faces: all of them in one mosaic, one forward pass.
+
+        Each face is upscaled to detector-friendly size and framed with a grey margin (a
+        generated face fills its image; the detector needs context around it).
+        """
+        if not images:
+            return []
+        scale, margin = 2, 32
+        side = images[0].shape[0] * scale
+        cell = side + 2 * margin
+        columns = min(4, len(images))
+        rows = -(-len(images) // columns)
+        mosaic = np.full((rows * cell, columns * cell, 3), 127, np.uint8)
+        for i, image in enumerate(images):
+            r, c = divmod(i, columns)
+            top, left = r * cell + margin, c * cell + margin
+            mosaic[top:top + side, left:left + side] = np.kron(image, np.ones((scale, scale, 1), np.uint8))
+        best: list[Face | None] = [None] * len(images)
+        for face in self.detector.detect(mosaic, threshold=0.5):
+            cx, cy = (face.box[0] + face.box[2]) / 2, (face.box[1] + face.box[3]) / 2
+            r, c = int(cy // cell), int(cx // cell)
+            index = r * columns + c
+            if index >= len(images) or (best[index] is not None and best[index].score >= face.score):
+                continue
+            origin = np.array([c * cell + margin, r * cell + margin], np.float32)
+            face.landmarks = (face.landmarks - origin) / scale
+            face.box = (face.box - np.tile(origin, 2)) / scale
+            best[index] = face
+        return best
+
+    def anonymize(self, image_rgb: np.ndarray, faces: list[Face], keep: set[int] | None = None,
+                  mode: str = "synthetic", seed: int = 0, face_seeds: dict[int, int] | None = None) -> np.ndarray:
+        """A new image where every face not kept is replaced; ``faces`` get their Replacement records.
+
+        ``keep`` holds face numbers (as in the preview) and overrides the faces' own keep flags
+        when given; ``face_seeds`` overrides single faces' seeds (a re-roll).
+        """
+        if mode not in TREATMENTS:
+            raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(TREATMENTS)}")
+        if keep is not None:
+            mark_kept(faces, keep)
+        face_seeds = face_seeds or {}
+        out = image_rgb.copy()
+        shape = image_rgb.shape[:2]
+        protected = np.zeros(shape, np.float32)
+        for face in faces:
+            if face.keep:
+                face.replacement = None
+                protected = np.maximum(protected, (face_mask(face, shape, feather=0.0) > 0).astype(np.float32))
+        # Smaller faces first: they are usually behind, and a larger face in front is pasted last.
+        for face in sorted((f for f in faces if not f.keep), key=lambda f: f.size):
+            number = face.number if face.number is not None else 0
+            this_seed = face_seeds.get(number, face_seed(seed, number))
+            rng = np.random.default_rng(this_seed)
+            face.replacement = self._replace(out, face, 1.0 - protected, mode, this_seed, rng)
+        return out
+
+    def _replace(self, image: np.ndarray, face: Face, allowed: np.ndarray, mode: str, seed: int,
+                 rng: np.random.Generator) -> Replacement:
+        """Treat one face in place; ``allowed`` is 0 over kept faces, which must stay untouched."""
+        start = time.perf_counter()
+        shape = image.shape[:2]
+        mask = face_mask(face, shape) * allowed
+        if mode == "pixelate":
+            pixelate_face(image, face, mask)
+            self.times.add("swap", start)
+            return Replacement("pixelate", seed=seed)
+        reason = None
+        if mode == "synthetic":
+            target = Target(face.gender, face.age_group, *face.pose)
+            reason = self._why_not_synthetic(face, target)
+            if reason is None:
+                synthetic = self.faces_source.generate(target, seed)
+                self.times.add("generate", start)
+                start = time.perf_counter()
+                if synthetic is not None:
+                    inner = inner_face_mask(face, shape) * allowed
+                    paste_synthetic(image, face, synthetic.image, synthetic.landmarks, inner, rng)
+                    self.times.add("swap", start)
+                    return Replacement("synthetic", seed=seed, latent=synthetic.latent.tolist())
+                reason = "no generated face met the target"
+        blur_face(image, face, mask, rng)
+        self.times.add("swap", start)
+        return Replacement("blur", reason=reason, seed=seed)
+
+    def _why_not_synthetic(self, face: Face, target: Target) -> str | None:
+        if face.size < self.cfg.min_synthetic_size:
+            return f"face under {self.cfg.min_synthetic_size:g} px"
+        if abs(target.yaw or 0.0) > self.cfg.max_yaw:
+            return "profile face"
+        if not self.faces_source.can_make(target):
+            return f"the generator cannot make {target.gender} {target.age_group} faces"
+        return None

@@ -1,0 +1,222 @@
+"""Synthetic faces that match a target face's gender, age group and pose.
+
+Conditional generators take the label directly. Unconditional ones (official FFHQ StyleGAN, the
+default DCGAN) are steered with the TL-GAN method: label many random samples with our own
+detector heads, fit linear attribute axes in latent space, decorrelate them, move a latent along
+the axes to the target, then verify the result with the same heads and resample when it misses.
+Every generator declares, from measurement, which gender x age-group targets it can meet.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.types import AGE_GROUPS, GENDERS, Face
+
+# Ages used to place an age group on a fitted age axis when too few samples fall in the group.
+AGE_GROUP_CENTERS = {"0-9": 5.0, "10-29": 22.0, "30-59": 42.0, "60+": 70.0}
+# A target is declared reachable when this share of generated faces meets it after retries.
+REACHABLE_HIT_RATE = 0.8
+
+# Labels generated faces with the detector and its heads: one Face (or None) per image.
+FaceAnalyzer = Callable[[list[np.ndarray]], list[Face | None]]
+
+
+@dataclass(frozen=True)
+class Target:
+    gender: str | None = None
+    age_group: str | None = None
+    yaw: float | None = None
+    pitch: float | None = None
+
+    @property
+    def key(self) -> str:
+        return f"{self.gender}/{self.age_group}"
+
+    def met_by(self, face: Face) -> bool:
+        return (self.gender is None or face.gender == self.gender) and (
+            self.age_group is None or face.age_group == self.age_group
+        )
+
+
+@dataclass
+class SyntheticFace:
+    image: np.ndarray  # R x R x 3 RGB uint8
+    landmarks: np.ndarray  # (5, 2) in the image's pixels, image-left first
+    latent: np.ndarray  # the generator input it came from (before any flip)
+    seed: int
+    face: Face  # what our detector and heads see in it
+    hit: bool  # whether it met the target's gender and age group
+    flipped: bool = False
+
+
+def to_uint8(images: torch.Tensor) -> list[np.ndarray]:
+    """Generator output (N, 3, R, R) in about [-1, 1] -> RGB uint8 arrays."""
+    scaled = ((images.float().clamp(-1, 1) + 1) * 127.5).round().byte()
+    return [np.ascontiguousarray(img) for img in scaled.permute(0, 2, 3, 1).cpu().numpy()]
+
+
+def mirror(face: SyntheticFace) -> SyntheticFace:
+    """The same synthetic person seen in a mirror: the yaw changes sign."""
+    width = face.image.shape[1]
+    landmarks = face.landmarks.copy()
+    landmarks[:, 0] = width - 1 - landmarks[:, 0]
+    landmarks = landmarks[[1, 0, 2, 4, 3]]  # image-left comes first again
+    mirrored = Face(box=face.face.box.copy(), landmarks=landmarks, score=face.face.score,
+                    gender=face.face.gender, gender_prob=face.face.gender_prob, age_group=face.face.age_group,
+                    age_group_probs=face.face.age_group_probs, age=face.face.age)
+    mirrored.box[[0, 2]] = width - 1 - face.face.box[[2, 0]]
+    return SyntheticFace(np.ascontiguousarray(face.image[:, ::-1]), landmarks, face.latent, face.seed, mirrored,
+                         face.hit, not face.flipped)
+
+
+@dataclass
+class LatentAxes:
+    """TL-GAN attribute axes of an unconditional generator, fitted on labelled samples."""
+
+    gender: np.ndarray  # unit vector, + towards female
+    age: np.ndarray  # unit vector orthogonal to gender, + towards older
+    gender_positions: dict[str, float]  # where on the gender axis each gender sits
+    age_positions: dict[str, float]  # where on the age axis each age group sits
+    capability: dict[str, float] = field(default_factory=dict)  # target key -> measured hit rate
+    fitted_on: int = 0
+
+    @classmethod
+    def fit(cls, latents: np.ndarray, faces: list[Face | None]) -> LatentAxes:
+        labelled = [(z, f) for z, f in zip(latents, faces) if f is not None and f.gender is not None]
+        if len(labelled) < 50:
+            raise ValueError(f"only {len(labelled)} labelled samples: too few to fit latent axes")
+        z = np.stack([item[0] for item in labelled]).astype(np.float64)
+        female = np.array([f.gender_prob if f.gender == "female" else 1 - f.gender_prob for _, f in labelled])
+        ages = np.array([f.age for _, f in labelled], dtype=np.float64)
+        groups = np.array([f.age_group for _, f in labelled])
+        gender_axis = _unit(_regression_direction(z, female))
+        # Decorrelate: age moves only in the orthogonal complement of gender, so steering age
+        # does not flip gender (in TL-GAN's words, "disentangle correlated feature axes").
+        age_axis = _unit(_project_out(_regression_direction(z, ages), [gender_axis]))
+        gender_proj, age_proj = z @ gender_axis, z @ age_axis
+        is_female = female > 0.5
+        gender_positions = {
+            "female": float(np.percentile(gender_proj[is_female], 75)) if is_female.sum() >= 10 else 2.0,
+            "male": float(np.percentile(gender_proj[~is_female], 25)) if (~is_female).sum() >= 10 else -2.0,
+        }
+        slope, intercept = np.polyfit(age_proj, ages, 1)
+        age_positions = {}
+        for group in AGE_GROUPS:
+            members = age_proj[groups == group]
+            if members.size >= 20:
+                age_positions[group] = float(np.median(members))
+            else:  # extrapolate along the fitted line, clipped to a plausible latent range
+                age_positions[group] = float(np.clip((AGE_GROUP_CENTERS[group] - intercept) / slope, -3.5, 3.5))
+        return cls(gender_axis, age_axis, gender_positions, age_positions, fitted_on=len(labelled))
+
+    def steer(self, z: np.ndarray, target: Target) -> np.ndarray:
+        """Move latents (N, z_dim) to the target's place on each axis, leaving the rest as is."""
+        z = z.copy()
+        if target.gender is not None:
+            z += np.outer(self.gender_positions[target.gender] - z @ self.gender, self.gender)
+        if target.age_group is not None:
+            z += np.outer(self.age_positions[target.age_group] - z @ self.age, self.age)
+        return z
+
+    def save(self, path: Path) -> None:
+        record = {"gender": self.gender.tolist(), "age": self.age.tolist(),
+                  "gender_positions": self.gender_positions, "age_positions": self.age_positions,
+                  "capability": self.capability, "fitted_on": self.fitted_on}
+        path.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+
+    @classmethod
+    def load(cls, path: Path) -> LatentAxes:
+        record = json.loads(path.read_text(encoding="utf-8"))
+        return cls(np.array(record["gender"]), np.array(record["age"]), record["gender_positions"],
+                   record["age_positions"], record.get("capability", {}), record.get("fitted_on", 0))
+
+
+def _regression_direction(z: np.ndarray, y: np.ndarray) -> np.ndarray:
+    coef, *_ = np.linalg.lstsq(z - z.mean(axis=0), y - y.mean(), rcond=None)
+    return coef
+
+
+def _project_out(v: np.ndarray, axes: list[np.ndarray]) -> np.ndarray:
+    for axis in axes:
+        v = v - (v @ axis) * axis
+    return v
+
+
+def _unit(v: np.ndarray) -> np.ndarray:
+    return v / max(float(np.linalg.norm(v)), 1e-12)
+
+
+class SyntheticFaceSource:
+    """Makes verified synthetic faces for targets, from a generator and our face analyzer."""
+
+    def __init__(self, generator: torch.nn.Module, analyzer: FaceAnalyzer, axes: LatentAxes | None,
+                 device: torch.device, candidates: int = 8, rounds: int = 4) -> None:
+        self.generator = generator.to(device).eval()
+        self.analyzer = analyzer
+        self.axes = axes
+        self.device = device
+        self.candidates = candidates
+        self.rounds = rounds
+
+    @property
+    def conditional(self) -> bool:
+        return getattr(self.generator, "c_dim", 0) > 0
+
+    def can_make(self, target: Target) -> bool:
+        """Whether measurement showed this generator meets the target's gender and age group."""
+        if self.axes is None or not self.axes.capability:
+            return not self.conditional and target.gender is None and target.age_group is None
+        return self.axes.capability.get(target.key, 0.0) >= REACHABLE_HIT_RATE
+
+    @torch.inference_mode()
+    def sample(self, latents: np.ndarray) -> list[np.ndarray]:
+        z = torch.from_numpy(latents.astype(np.float32)).to(self.device)
+        return to_uint8(self.generator(z, None))
+
+    def candidates_for(self, target: Target, seed: int) -> list[SyntheticFace]:
+        """Verified candidates (hits first), each also mirrored so that pose can be matched."""
+        rng = np.random.RandomState(seed)
+        found: list[SyntheticFace] = []
+        for _ in range(self.rounds):
+            z = rng.randn(self.candidates, self.generator.z_dim)
+            if self.axes is not None:
+                z = self.axes.steer(z, target)
+            images = self.sample(z)
+            for latent, image, face in zip(z, images, self.analyzer(images)):
+                if face is not None:
+                    found.append(SyntheticFace(image, face.landmarks, latent, seed, face, target.met_by(face)))
+            if sum(c.hit for c in found) >= 2:
+                break
+        found += [mirror(c) for c in found]
+        return sorted(found, key=lambda c: (not c.hit, -c.face.score))
+
+    def generate(self, target: Target, seed: int) -> SyntheticFace | None:
+        """The candidate that meets the target and is closest to its pose; None if none was found."""
+        candidates = [c for c in self.candidates_for(target, seed) if c.hit]
+        if not candidates:
+            return None
+        if target.yaw is None:
+            return candidates[0]
+        return min(candidates, key=lambda c: _pose_distance(c.face.pose, (target.yaw, target.pitch or 0.0)))
+
+
+def _pose_distance(a: tuple[float, float], b: tuple[float, float]) -> float:
+    return abs(a[0] - b[0]) + 0.5 * abs(a[1] - b[1])
+
+
+def measure_capability(source: SyntheticFaceSource, per_target: int = 12, seed: int = 0) -> dict[str, float]:
+    """Hit rate of ``generate`` for every gender x age-group target."""
+    rates = {}
+    for gender in GENDERS:
+        for group in AGE_GROUPS:
+            target = Target(gender, group)
+            hits = sum(source.generate(target, seed + i) is not None for i in range(per_target))
+            rates[target.key] = hits / per_target
+    return rates

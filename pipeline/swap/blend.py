@@ -1,0 +1,137 @@
+"""The always-available swap: align a synthetic face by its 5 landmarks, match colour, light,
+sharpness and grain to the target, and blend it in under a soft face-shaped mask."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+from pipeline.swap.masks import face_region
+from pipeline.swap.obscure import composite, noise_sigma
+from pipeline.types import Face
+
+
+def similarity_transform(source_points: np.ndarray, target_points: np.ndarray) -> np.ndarray:
+    """The 2x3 rotation + uniform scale + shift that best maps source landmarks onto target ones."""
+    matrix, _ = cv2.estimateAffinePartial2D(source_points.astype(np.float32), target_points.astype(np.float32),
+                                            method=cv2.LMEDS)
+    if matrix is None:  # degenerate landmarks (all on a line): least squares over all points
+        matrix = cv2.estimateAffinePartial2D(source_points.astype(np.float32), target_points.astype(np.float32))[0]
+    return matrix
+
+
+def _lab_stats(lab: np.ndarray, weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    w = weight[:, :, None]
+    total = max(float(weight.sum()), 1e-6)
+    mean = (lab * w).sum(axis=(0, 1)) / total
+    std = np.sqrt(((lab - mean) ** 2 * w).sum(axis=(0, 1)) / total)
+    return mean, np.maximum(std, 1e-3)
+
+
+def match_colour(face: np.ndarray, reference: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    """Give the face the photo's light and skin colour, keeping only its own shading detail.
+
+    Lightness: the face's Lab L is moved onto the reference's mean and spread inside the face.
+    Colour: a and b are the reference's own, low-passed at a scale far coarser than facial
+    features (so no identity comes with them), plus half of the face's finer colour detail
+    (lips, eyes). Rendered or GAN faces carry odd tints (blue eye sockets, grey skin); taking
+    the coarse colour from the photo removes them and matches the scene's white balance.
+    """
+    face_lab = cv2.cvtColor(face, cv2.COLOR_RGB2LAB).astype(np.float32)
+    ref_lab = cv2.cvtColor(reference, cv2.COLOR_RGB2LAB).astype(np.float32)
+    face_mean, face_std = _lab_stats(face_lab, weight)
+    ref_mean, ref_std = _lab_stats(ref_lab, weight)
+    gain = float(np.clip(ref_std[0] / face_std[0], 0.6, 1.5))
+    out = np.empty_like(face_lab)
+    out[:, :, 0] = (face_lab[:, :, 0] - face_mean[0]) * gain + ref_mean[0]
+    size = max(float(np.sqrt(weight.sum())), 4.0)
+    coarse = max(1.0, size / 6)
+    for ch in (1, 2):
+        ref_low = _masked_lowpass(ref_lab[:, :, ch], weight, coarse)
+        face_detail = face_lab[:, :, ch] - _masked_lowpass(face_lab[:, :, ch], weight, coarse)
+        out[:, :, ch] = ref_low + 0.5 * face_detail
+    return cv2.cvtColor(np.clip(out, 0, 255).astype(np.uint8), cv2.COLOR_LAB2RGB)
+
+
+def _masked_lowpass(channel: np.ndarray, weight: np.ndarray, sigma: float) -> np.ndarray:
+    """Gaussian low-pass that only averages pixels inside the face (normalized convolution)."""
+    soft = cv2.GaussianBlur(weight, (0, 0), sigma)
+    blurred = cv2.GaussianBlur(channel * weight, (0, 0), sigma)
+    inside = blurred / np.maximum(soft, 1e-4)
+    fallback = float((channel * weight).sum() / max(float(weight.sum()), 1e-6))
+    return np.where(soft > 1e-3, inside, fallback)
+
+
+def _detail(image: np.ndarray, weight: np.ndarray) -> float:
+    grey = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY).astype(np.float32)
+    lap = cv2.Laplacian(grey, cv2.CV_32F)
+    return float(np.sqrt((lap**2 * weight).sum() / max(float(weight.sum()), 1e-6)))
+
+
+def match_sharpness(face: np.ndarray, reference: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    """Blur the face until its fine detail is no higher than the reference's.
+
+    A 30 px bystander in a soft photo must not get a crisp face; the reverse (a sharp photo and
+    an upscaled face) is handled by grain, since detail cannot be invented here.
+    """
+    target = _detail(reference, weight)
+    best = face
+    for sigma in (0.6, 0.9, 1.3, 1.8, 2.5, 3.5):
+        if _detail(best, weight) <= target * 1.1:
+            break
+        best = cv2.GaussianBlur(face, (0, 0), sigma)
+    return best
+
+
+# Measured by eye on group photos: Poisson cloning follows the scene's shading better but can
+# carry a bright background into the face along the mask border; feathering never does.
+BLENDS = ("feather", "poisson")
+
+
+def poisson_blend(face: np.ndarray, window: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    """Gradient-domain blend: the synthetic face's features under the photo's own light.
+
+    Poisson cloning keeps the face's gradients and takes the absolute brightness and colour
+    from the photo along the mask's border, so shading across the face follows the scene.
+    """
+    region = (weight > 0.02).astype(np.uint8) * 255
+    ys, xs = np.nonzero(region)
+    if ys.size == 0 or ys.min() == 0 or xs.min() == 0 or ys.max() >= region.shape[0] - 1 \
+            or xs.max() >= region.shape[1] - 1:
+        return face  # seamlessClone needs a margin around the mask: keep the colour-matched face
+    center = (int((xs.min() + xs.max() + 1) // 2), int((ys.min() + ys.max() + 1) // 2))
+    return cv2.seamlessClone(face, window, region, center, cv2.NORMAL_CLONE)
+
+
+def paste_synthetic(image: np.ndarray, target: Face, synthetic: np.ndarray, synthetic_landmarks: np.ndarray,
+                    mask: np.ndarray, rng: np.random.Generator, blend: str = "feather") -> None:
+    """Replace the target face in ``image`` (in place) by the aligned, matched synthetic face."""
+    rows, cols = face_region(target, image.shape[:2], grow=1.3)
+    origin = np.array([cols.start, rows.start], np.float32)
+    window = image[rows, cols]
+    height, width = window.shape[:2]
+    matrix = similarity_transform(synthetic_landmarks, target.landmarks - origin)
+    scale = float(np.sqrt(abs(np.linalg.det(matrix[:, :2]))))
+    source = synthetic
+    if scale < 0.8:  # shrinking: low-pass first so the warp does not alias
+        source = cv2.GaussianBlur(synthetic, (0, 0), 0.45 / scale)
+    warped = cv2.warpAffine(source, matrix, (width, height), flags=cv2.INTER_CUBIC, borderMode=cv2.BORDER_REFLECT)
+    if scale > 1.5:  # enlarging a small generated face: restore some edge contrast the upscale lost
+        soft = cv2.GaussianBlur(warped, (0, 0), 0.5 * scale)
+        warped = cv2.addWeighted(warped, 1.6, soft, -0.6, 0)
+    coverage = cv2.warpAffine(np.ones(synthetic.shape[:2], np.float32), matrix, (width, height),
+                              flags=cv2.INTER_LINEAR, borderValue=0.0)
+    # Only where the synthetic image really is: its reflected border is no face.
+    weight = mask[rows, cols] * np.clip((coverage - 0.5) * 2, 0, 1)
+    core = (weight > 0.5).astype(np.float32)
+    if core.sum() < 4:
+        return
+    warped = match_colour(warped, window, core)
+    if blend == "poisson":
+        warped = poisson_blend(warped, window, weight)
+    warped = match_sharpness(warped, window, core)
+    missing_noise = max(0.0, noise_sigma(window) ** 2 - noise_sigma(warped) ** 2) ** 0.5
+    grained = warped.astype(np.float32) + rng.normal(0, missing_noise, size=(height, width, 1))
+    full_weight = np.zeros_like(mask)
+    full_weight[rows, cols] = weight
+    composite(image, np.clip(grained, 0, 255), full_weight, rows, cols)

@@ -1,0 +1,81 @@
+"""Soft face-shaped masks from a face's box and landmarks."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+from pipeline.types import Face
+
+
+def face_region(face: Face, shape: tuple[int, int], grow: float = 1.0) -> tuple[slice, slice]:
+    """The image window (rows, cols) that holds the face's mask, clipped to the image."""
+    height, width = shape
+    cx, cy = (face.box[0] + face.box[2]) / 2, (face.box[1] + face.box[3]) / 2
+    half = 0.5 * grow * 1.35 * max(face.width, face.height) + 2
+    x1, y1 = int(max(0, np.floor(cx - half))), int(max(0, np.floor(cy - half)))
+    x2, y2 = int(min(width, np.ceil(cx + half))), int(min(height, np.ceil(cy + half)))
+    return slice(y1, y2), slice(x1, x2)
+
+
+def face_mask(face: Face, shape: tuple[int, int], grow: float = 1.0, feather: float = 0.12) -> np.ndarray:
+    """A float32 mask in 0..1 over the whole image: an ellipse covering forehead to chin.
+
+    RetinaFace boxes stop at the eyebrows and the chin and leave out the ears, so the ellipse is
+    a little taller than the box and shifted up; its edge is feathered over a fraction of the
+    face size so a replaced face blends into hair and skin without a seam.
+    """
+    height, width = shape
+    mask = np.zeros((height, width), np.float32)
+    cx, cy = (face.box[0] + face.box[2]) / 2, (face.box[1] + face.box[3]) / 2
+    axes = (0.5 * face.width * 1.08 * grow, 0.5 * face.height * 1.15 * grow)
+    center = (cx, cy - 0.04 * face.height)
+    angle = _roll_degrees(face)
+    scale = 16  # sub-pixel precision for cv2.ellipse's integer arguments
+    cv2.ellipse(mask, (int(center[0] * scale), int(center[1] * scale)),
+                (max(1, int(axes[0] * scale)), max(1, int(axes[1] * scale))), angle, 0, 360, 1.0, -1,
+                cv2.LINE_AA, shift=4)
+    sigma = max(0.5, feather * min(face.width, face.height))
+    rows, cols = face_region(face, shape, grow * 1.2)
+    window = mask[rows, cols]
+    if window.size:
+        mask[rows, cols] = cv2.GaussianBlur(window, (0, 0), sigma)
+    return mask
+
+
+def _roll_degrees(face: Face) -> float:
+    """In-plane rotation of the face from its eye line, so the ellipse follows a tilted head."""
+    (lx, ly), (rx, ry) = face.landmarks[0], face.landmarks[1]
+    if rx - lx <= 1:
+        return 0.0
+    return float(np.degrees(np.arctan2(ry - ly, rx - lx)))
+
+
+def inner_face_mask(face: Face, shape: tuple[int, int], feather: float = 0.18) -> np.ndarray:
+    """A float32 mask over brows, eyes, nose, mouth and chin, placed by the 5 landmarks.
+
+    This is the part a synthetic face replaces: the target keeps its own hair, ears and face
+    outline, which hold the pose and light of the scene, while everything that makes a face
+    recognizable comes from the synthetic person.
+    """
+    height, width = shape
+    left_eye, right_eye, _, left_mouth, right_mouth = face.landmarks.astype(np.float64)
+    eyes, mouth = (left_eye + right_eye) / 2, (left_mouth + right_mouth) / 2
+    eye_distance = float(np.linalg.norm(right_eye - left_eye))
+    down = mouth - eyes
+    eye_to_mouth = max(float(np.linalg.norm(down)), 1.0)
+    center = eyes + 0.42 * down
+    axes = (max(1.0, 1.0 * max(eye_distance, 0.7 * eye_to_mouth)), 1.25 * eye_to_mouth)
+    angle = float(np.degrees(np.arctan2(down[1], down[0]))) - 90.0
+    mask = np.zeros((height, width), np.float32)
+    scale = 16
+    cv2.ellipse(mask, (int(center[0] * scale), int(center[1] * scale)),
+                (int(axes[0] * scale), int(axes[1] * scale)), angle, 0, 360, 1.0, -1, cv2.LINE_AA, shift=4)
+    sigma = max(0.5, feather * axes[0])
+    rows, cols = face_region(face, shape, 1.3)
+    window = mask[rows, cols]
+    if window.size:
+        # Erode before feathering so the soft edge falls inside the ellipse, not onto the hair.
+        eroded = cv2.erode(window, np.ones((3, 3), np.uint8), iterations=max(1, int(sigma)))
+        mask[rows, cols] = cv2.GaussianBlur(eroded, (0, 0), sigma)
+    return mask
