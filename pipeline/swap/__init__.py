@@ -1,0 +1,1 @@
+"""Swap stage: put another identity onto detected faces."""
