@@ -7,6 +7,10 @@ import json
 from functools import lru_cache
 from pathlib import Path
 
+class CheckpointError(ValueError):
+    """A weights file that is not the model we expect; the message is meant for the user."""
+
+
 MANIFEST = Path(__file__).resolve().parents[1] / "weights" / "manifest.json"
 
 
@@ -26,3 +30,18 @@ def sha256_file(path: str | Path) -> str:
 def known_model(sha256: str) -> dict | None:
     """The manifest entry of a file with this hash, if it is one we know."""
     return next((m for m in manifest_models() if m.get("sha256") == sha256), None)
+
+
+def load_matching_state(net, state: dict, path, description: str):
+    """Load a checkpoint's tensors into ``net``, refusing a file whose keys do not match exactly.
+
+    The error names the first missing and unexpected keys, which is what a user needs to see
+    when they pass the wrong file (another model, another variant, a training checkpoint).
+    """
+    missing, unexpected = net.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path}: {description}: {len(missing)} missing keys (e.g. {missing[:3]}), "
+            f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})"
+        )
+    return net.eval()

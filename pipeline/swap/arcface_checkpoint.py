@@ -21,7 +21,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from pipeline.detect.checkpoints import CheckpointError
+from pipeline.weights import CheckpointError, load_matching_state
 
 ARCFACE_INPUT_SIZE = 112
 EMBEDDING_SIZE = 512
@@ -249,10 +249,4 @@ def load_arcface(path: str | Path) -> ArcFaceResNet:
     layers = tuple(len({key.split(".")[1] for key in state if key.startswith(f"layer{i}.")}) for i in range(1, 5))
     use_se = any(".se." in key for key in state)
     net = ArcFaceResNet(layers, use_se)  # type: ignore[arg-type]
-    missing, unexpected = net.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{path}: does not match the ArcFace IR-ResNet{layers}: {len(missing)} missing keys "
-            f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})"
-        )
-    return net.eval()
+    return load_matching_state(net, state, path, f"does not match the ArcFace IR-ResNet{layers}")

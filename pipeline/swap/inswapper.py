@@ -18,7 +18,7 @@ import onnxruntime
 from insightface.app.common import Face
 from insightface.model_zoo.inswapper import INSwapper
 
-from pipeline.detect.checkpoints import CheckpointError
+from pipeline.weights import CheckpointError
 
 
 class InSwapperSwapper:

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.detect.checkpoints import CheckpointError
+from pipeline.weights import CheckpointError, load_matching_state
 from pipeline.swap.arcface_checkpoint import ARCFACE_INPUT_SIZE, ArcFaceResNet, load_arcface
 
 CROP_SIZE = 224
@@ -120,14 +120,7 @@ def load_simswap_generator(path: str | Path) -> SimSwapGenerator:
         raise CheckpointError(f"{path}: expected a state dict, found {type(state).__name__}")
     state = {key.removeprefix("module."): value for key, value in state.items()}
     blocks = len({key.split(".")[1] for key in state if key.startswith("BottleNeck.")})
-    net = SimSwapGenerator(n_blocks=blocks)
-    missing, unexpected = net.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{path}: not a SimSwap 224 generator: {len(missing)} missing keys (e.g. {missing[:3]}), "
-            f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})"
-        )
-    return net.eval()
+    return load_matching_state(SimSwapGenerator(n_blocks=blocks), state, path, "not a SimSwap 224 generator")
 
 
 def to_tensor(image_rgb: np.ndarray) -> torch.Tensor:
