@@ -15,8 +15,8 @@ from pipeline.generate.dcgan import load_dcgan
 from pipeline.generate.matching import LatentAxes, SyntheticFaceSource, Target
 from pipeline.runtime import cache_dir, resolve_device, set_threads
 from pipeline.select import mark_kept, number_in_reading_order
-from pipeline.swap.blend import paste_synthetic
-from pipeline.swap.masks import face_mask, inner_face_mask
+from pipeline.swap import SwapConfig, build_swapper
+from pipeline.swap.masks import face_mask
 from pipeline.swap.obscure import blur_face, pixelate_face
 from pipeline.types import TREATMENTS, Face, Replacement
 
@@ -27,6 +27,7 @@ DEFAULT_LATENT_AXES = WEIGHTS_DIR / "dcgan_latent_axes.json"
 @dataclass(frozen=True)
 class AnonymizerConfig:
     detector: DetectorConfig = field(default_factory=DetectorConfig)
+    swap: SwapConfig = field(default_factory=SwapConfig)
     latent_axes: Path | None = DEFAULT_LATENT_AXES
     device: str = "auto"
     threads: int | None = None
@@ -61,6 +62,7 @@ class Anonymizer:
         self.detector: RetinaFaceDetector = build_detector(cfg.detector, self.device, cache_dir())
         axes = LatentAxes.load(cfg.latent_axes) if cfg.latent_axes and cfg.latent_axes.is_file() else None
         self.faces_source = SyntheticFaceSource(load_dcgan(), self.analyze_synthetic, axes, self.device)
+        self.swapper = build_swapper(cfg.swap, self.device)
         self.times = StageTimes()
 
     def detect(self, image_rgb: np.ndarray) -> list[Face]:
@@ -146,8 +148,7 @@ class Anonymizer:
                 self.times.add("generate", start)
                 start = time.perf_counter()
                 if synthetic is not None:
-                    inner = inner_face_mask(face, shape) * allowed
-                    paste_synthetic(image, face, synthetic.image, synthetic.landmarks, inner, rng)
+                    self.swapper.swap(image, face, synthetic.image, synthetic.landmarks, allowed, rng)
                     self.times.add("swap", start)
                     return Replacement("synthetic", seed=seed, latent=synthetic.latent.tolist())
                 reason = "no generated face met the target"

@@ -9,7 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import IO
 
-from pipeline.detect.checkpoints import CheckpointError
+from pipeline.weights import CheckpointError
 from pipeline.detect import DetectorConfig, DetectorSettings, RetinaFaceDetector, build_detector
 from pipeline.image_io import ImageError, load_image, save_image
 from pipeline.render import draw_numbered_faces
@@ -30,12 +30,23 @@ def _add_detector_options(parser: argparse.ArgumentParser, default_threshold: fl
     group.add_argument("--threads", type=int, default=None, help="CPU threads for inference")
 
 
-def _detector_from_args(args: argparse.Namespace) -> RetinaFaceDetector:
-    set_threads(args.threads)
+def _detector_config(args: argparse.Namespace) -> DetectorConfig:
     settings = replace(DetectorSettings(), threshold=args.threshold, max_side=args.max_side,
                        multiscale=args.multiscale)
-    return build_detector(DetectorConfig(weights=args.weights, settings=settings),
-                          resolve_device(args.device), cache_dir())
+    return DetectorConfig(weights=args.weights, settings=settings)
+
+
+def _detector_from_args(args: argparse.Namespace) -> RetinaFaceDetector:
+    set_threads(args.threads)
+    return build_detector(_detector_config(args), resolve_device(args.device), cache_dir())
+
+
+def _print_report(report: dict, json_out: str | None) -> None:
+    """Benchmarks print machine-readable JSON, and keep a copy when asked."""
+    text = json.dumps(report, indent=2)
+    print(text)
+    if json_out:
+        Path(json_out).write_text(text + "\n", encoding="utf-8")
 
 
 def _open_output(path: str | None) -> IO[str]:
@@ -71,16 +82,112 @@ def cmd_detect(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+def _add_swap_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("face swap")
+    group.add_argument("--swap-backend", choices=("blend", "simswap", "inswapper"), default="blend",
+                       help="blend: embedded default; simswap / inswapper: official weights you supply")
+    group.add_argument("--simswap-checkpoint", metavar="latest_net_G.pth")
+    group.add_argument("--simswap-arcface", metavar="arcface_checkpoint.tar")
+    group.add_argument("--inswapper-model", metavar="inswapper_128.onnx")
+    group.add_argument("--inswapper-arcface", metavar="w600k_r50.onnx", help="insightface recognition model")
+
+
+def _anonymizer_from_args(args: argparse.Namespace):
+    from pipeline.anonymizer import Anonymizer, AnonymizerConfig
+    from pipeline.swap import SwapConfig
+
+    def optional_path(value: str | None) -> Path | None:
+        return Path(value) if value else None
+
+    swap = SwapConfig(args.swap_backend, optional_path(args.simswap_checkpoint), optional_path(args.simswap_arcface),
+                      optional_path(args.inswapper_model), optional_path(args.inswapper_arcface))
+    try:
+        return Anonymizer(AnonymizerConfig(detector=_detector_config(args), swap=swap, device=args.device,
+                                           threads=args.threads))
+    except ValueError as exc:
+        raise SystemExit(f"facechange: {exc}") from exc
+
+
+def _face_seed_option(text: str) -> tuple[int, int]:
+    number, _, seed = text.partition("=")
+    if not (number.isdigit() and seed.lstrip("-").isdigit()):
+        raise argparse.ArgumentTypeError(f"expected NUMBER=SEED, got {text!r}")
+    return int(number), int(seed)
+
+
+def cmd_anonymize(args: argparse.Namespace) -> int:
+    from pipeline.select import parse_numbers
+
+    try:
+        keep = parse_numbers(args.keep)
+    except ValueError as exc:
+        raise SystemExit(f"facechange: --keep: {exc}") from exc
+    anonymizer = _anonymizer_from_args(args)
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    face_seeds = dict(args.face_seed or [])
+    failures = 0
+    out = _open_output(args.json_out)
+    try:
+        for path in args.images:
+            destination = out_dir / Path(path).name
+            if destination.suffix.lower() not in (".jpg", ".jpeg", ".png", ".webp"):
+                destination = destination.with_suffix(".png")
+            try:
+                if destination.resolve() == Path(path).resolve():
+                    raise ImageError("The output would overwrite the input; choose another -o folder")
+                image = load_image(path)
+            except ImageError as exc:
+                failures += 1
+                print(f"facechange: {path}: {exc}", file=sys.stderr)
+                out.write(json.dumps({"image": path, "error": str(exc)}) + "\n")
+                continue
+            faces = anonymizer.detect(image)
+            result = anonymizer.anonymize(image, faces, keep=keep, mode=args.mode, seed=args.seed,
+                                          face_seeds=face_seeds)
+            save_image(result, destination)
+            record = {"image": path, "output": str(destination), "width": image.shape[1],
+                      "height": image.shape[0], "mode": args.mode, "seed": args.seed,
+                      "faces": [face.to_json() for face in faces]}
+            out.write(json.dumps(record) + "\n")
+            out.flush()
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    return 1 if failures else 0
+
+
+def cmd_eval_anonymize(args: argparse.Namespace) -> int:
+    from pipeline.eval.anonymization import benchmark_photos, evaluate_anonymization
+    from pipeline.eval.identity import IdentityEmbedder, calibrate_threshold
+
+    anonymizer = _anonymizer_from_args(args)
+    embedder = IdentityEmbedder(Path(args.arcface))
+    report: dict = {}
+    threshold = args.reid_threshold
+    if threshold is None:
+        def main_face_landmarks(image):
+            faces = anonymizer.detector.detect(image, threshold=0.5)
+            return max(faces, key=lambda f: f.score).landmarks if faces else None
+
+        report["calibration"] = calibrate_threshold(embedder, main_face_landmarks, Path(args.celeba), far=args.far)
+        threshold = report["calibration"]["threshold"]
+    photos = benchmark_photos(Path(args.wider) if args.wider else None, Path(args.photos) if args.photos else None,
+                              args.limit)
+    report.update(evaluate_anonymization(anonymizer, embedder, threshold, photos,
+                                         Path(args.sheets_dir) if args.sheets_dir else None, args.min_face,
+                                         tuple(args.modes.split(",")), args.seed))
+    _print_report(report, args.json_out)
+    return 0
+
+
 def cmd_eval_detect(args: argparse.Namespace) -> int:
     from pipeline.eval.detection import evaluate_detector
 
     report = evaluate_detector(_detector_from_args(args), Path(args.wider), threshold=args.threshold,
                                limit=args.limit)
     report["settings"] = {"weights": args.weights, "max_side": args.max_side, "multiscale": args.multiscale}
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.json_out:
-        Path(args.json_out).write_text(text + "\n", encoding="utf-8")
+    _print_report(report, args.json_out)
     return 0
 
 
@@ -113,6 +220,143 @@ def cmd_swap_aligned(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_generate_matched(args: argparse.Namespace) -> int:
+    """The embedded default generator, steered to a gender and age group and verified by our heads."""
+    import numpy as np
+
+    from pipeline.anonymizer import Anonymizer, AnonymizerConfig
+    from pipeline.generate.matching import Target
+
+    anonymizer = Anonymizer(AnonymizerConfig(device=args.device, threads=args.threads))
+    target = Target(args.gender, args.age_group)
+    tiles, records = [], []
+    for i in range(args.count):
+        face = anonymizer.faces_source.generate(target, args.seed + i)
+        records.append({"seed": args.seed + i, "made": face is not None,
+                        **({"gender": face.face.gender, "age_group": face.face.age_group,
+                            "latent": [round(float(v), 5) for v in face.latent]} if face else {})})
+        tiles.append(face.image if face else np.full((64, 64, 3), 127, np.uint8))
+    columns = min(8, len(tiles))
+    rows = -(-len(tiles) // columns)
+    tiles += [np.zeros_like(tiles[0])] * (rows * columns - len(tiles))
+    grid = np.concatenate([np.concatenate(tiles[r * columns:(r + 1) * columns], axis=1) for r in range(rows)])
+    if args.output:
+        save_image(grid, Path(args.output))
+    print(json.dumps({"target": {"gender": args.gender, "age_group": args.age_group},
+                      "can_make": anonymizer.faces_source.can_make(target), "faces": records}))
+    return 0 if all(r["made"] for r in records) else 1
+
+
+def cmd_fit_latent_axes(args: argparse.Namespace) -> int:
+    from pipeline.anonymizer import DEFAULT_LATENT_AXES, Anonymizer, AnonymizerConfig
+    from pipeline.generate.matching import fit_latent_axes, measure_capability
+
+    anonymizer = Anonymizer(AnonymizerConfig(latent_axes=None, device=args.device, threads=args.threads))
+    source = anonymizer.faces_source
+    source.axes = fit_latent_axes(source, args.samples, seed=args.seed)
+    source.axes.capability = measure_capability(source, per_target=args.per_target, seed=args.seed + 1)
+    out = Path(args.out) if args.out else DEFAULT_LATENT_AXES
+    source.axes.save(out)
+    print(json.dumps({"out": str(out), "fitted_on": source.axes.fitted_on,
+                      "gender_positions": source.axes.gender_positions,
+                      "age_positions": source.axes.age_positions, "capability": source.axes.capability}, indent=2))
+    return 0
+
+
+def cmd_eval_generator(args: argparse.Namespace) -> int:
+    from pipeline.anonymizer import Anonymizer, AnonymizerConfig
+    from pipeline.eval.generator import evaluate_generator, utkface_reference_embeddings
+    from pipeline.eval.identity import IdentityEmbedder
+
+    anonymizer = Anonymizer(AnonymizerConfig(device=args.device, threads=args.threads))
+    embedder = IdentityEmbedder(Path(args.arcface))
+
+    def main_face_landmarks(image):
+        faces = anonymizer.detector.detect(image, threshold=0.5)
+        return max(faces, key=lambda f: f.score).landmarks if faces else None
+
+    reference = utkface_reference_embeddings(Path(args.utkface), embedder, main_face_landmarks, args.reference)
+    report = evaluate_generator(anonymizer.faces_source, embedder, reference, per_target=args.per_target,
+                                seed=args.seed)
+    report["generator"] = "dcgan (gan-face-generate 1.1.1) + TL-GAN axes"
+    _print_report(report, args.json_out)
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    if args.weights is None:
+        return cmd_generate_matched(args)
+    import numpy as np
+
+    from pipeline.generate.official_pickle import NetworkPickleError, UnsafePickleError, load_generator
+    from pipeline.generate.stylegan2 import generate_images, to_uint8_images
+
+    if not (args.save_array or args.outdir):
+        raise SystemExit("facechange: nothing to write: give --save-array and/or --outdir")
+    set_threads(args.threads)
+    try:
+        G = load_generator(args.weights, device=resolve_device(args.device))
+        images = generate_images(G, seed=args.seed, count=args.count, truncation_psi=args.truncation,
+                                 noise_mode=args.noise_mode, class_idx=args.class_idx)
+    except (NetworkPickleError, UnsafePickleError, ValueError) as exc:
+        raise SystemExit(f"facechange: {exc}") from exc
+    if args.save_array:
+        np.save(args.save_array, images)
+    if args.outdir:
+        outdir = Path(args.outdir)
+        outdir.mkdir(parents=True, exist_ok=True)
+        for i, image in enumerate(to_uint8_images(images)):
+            save_image(image, outdir / f"seed{args.seed:04d}-{i:02d}.png")
+    return 0
+
+
+def cmd_train_attributes(args: argparse.Namespace) -> int:
+    from pipeline.detect.train_attributes import run_training
+
+    set_threads(args.threads)
+    detector = build_detector(DetectorConfig(attribute_weights=None), resolve_device(args.device), cache_dir())
+    feature_cache = Path(args.cache_dir) if args.cache_dir else cache_dir() / "attribute-features"
+    command = (f"facechange train-attributes --utkface {args.utkface} --out {args.out} --views {args.views} "
+               f"--epochs {args.epochs} --seed {args.seed}")
+    if args.limit:
+        command += f" --limit {args.limit}"
+    if args.eval_limit:
+        command += f" --eval-limit {args.eval_limit}"
+    report = run_training(detector, Path(args.utkface), Path(args.out), feature_cache, views=args.views,
+                          limit=args.limit, eval_limit=args.eval_limit, epochs=args.epochs, seed=args.seed,
+                          command=command, log=lambda line: print(line, file=sys.stderr, flush=True))
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def cmd_eval_attributes(args: argparse.Namespace) -> int:
+    from pipeline.detect.train_attributes import evaluate_attributes
+
+    set_threads(args.threads)
+    attribute_weights = Path(args.attribute_weights) if args.attribute_weights else DetectorConfig.attribute_weights
+    detector = build_detector(DetectorConfig(attribute_weights=attribute_weights), resolve_device(args.device),
+                              cache_dir())
+    if detector.attribute_head is None:
+        print("facechange: no attribute weights to evaluate", file=sys.stderr)
+        return 1
+    report = {"native" if size == 0 else f"{size}px":
+              evaluate_attributes(detector, Path(args.utkface), size or None, args.limit) for size in args.sizes}
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def cmd_bot(args: argparse.Namespace) -> int:
+    from bot.main import main as run_bot
+
+    return run_bot(args)
+
+
+def cmd_train_generator(args: argparse.Namespace) -> int:
+    from pipeline.generate.train import run_from_args
+
+    return run_from_args(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from pipeline.detect.detector import ANONYMIZE_THRESHOLD
 
@@ -125,6 +369,37 @@ def build_parser() -> argparse.ArgumentParser:
     detect.add_argument("--preview-dir", metavar="DIR", help="save numbered previews here")
     _add_detector_options(detect, ANONYMIZE_THRESHOLD)
     detect.set_defaults(handler=cmd_detect)
+
+    anonymize = commands.add_parser("anonymize", help="replace every face not kept; one JSON line per image")
+    anonymize.add_argument("images", nargs="+", metavar="IMAGE")
+    anonymize.add_argument("-o", "--out-dir", required=True, metavar="OUT_DIR", help="anonymized images go here")
+    anonymize.add_argument("--keep", default="", metavar="1,3", help="face numbers to keep, as in the detect preview")
+    anonymize.add_argument("--mode", choices=("synthetic", "blur", "pixelate"), default="synthetic")
+    anonymize.add_argument("--seed", type=int, default=0, help="same seed, same output")
+    anonymize.add_argument("--face-seed", type=_face_seed_option, action="append", metavar="NUMBER=SEED",
+                           help="re-roll one face: its own seed (repeatable)")
+    anonymize.add_argument("--json-out", metavar="FILE.jsonl")
+    _add_detector_options(anonymize, ANONYMIZE_THRESHOLD)
+    _add_swap_options(anonymize)
+    anonymize.set_defaults(handler=cmd_anonymize)
+
+    eval_anon = commands.add_parser("eval-anonymize",
+                                    help="re-identification, detection and attribute retention vs blur and pixelate")
+    eval_anon.add_argument("--wider", metavar="DIR", help="WIDER FACE dev folder")
+    eval_anon.add_argument("--photos", metavar="DIR", help="a folder of group photos (*.jpg)")
+    eval_anon.add_argument("--arcface", required=True, metavar="ONNX", help="identity model for re-identification")
+    eval_anon.add_argument("--celeba", metavar="DIR", help="CelebA identities, to set the threshold at --far")
+    eval_anon.add_argument("--far", type=float, default=1e-3)
+    eval_anon.add_argument("--reid-threshold", type=float, default=None, help="skip calibration, use this")
+    eval_anon.add_argument("--limit", type=int, default=16, help="number of photos")
+    eval_anon.add_argument("--min-face", type=float, default=32.0, help="measure faces at least this big (px)")
+    eval_anon.add_argument("--modes", default="synthetic,blur,pixelate")
+    eval_anon.add_argument("--seed", type=int, default=0)
+    eval_anon.add_argument("--sheets-dir", metavar="DIR", help="save before/after sheets here")
+    eval_anon.add_argument("--json-out", metavar="FILE.json")
+    _add_detector_options(eval_anon, ANONYMIZE_THRESHOLD)
+    _add_swap_options(eval_anon)
+    eval_anon.set_defaults(handler=cmd_eval_anonymize)
 
     evaluate = commands.add_parser("eval-detect", help="WIDER FACE AP (official protocol) on a dataset folder")
     evaluate.add_argument("--wider", required=True, metavar="DIR", help="folder with images/ and annotations.json")
@@ -149,6 +424,95 @@ def build_parser() -> argparse.ArgumentParser:
     swap_aligned.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     swap_aligned.add_argument("--threads", type=int, default=None, help="CPU threads for inference")
     swap_aligned.set_defaults(handler=cmd_swap_aligned)
+
+    generate = commands.add_parser("generate", help="StyleGAN2-ADA faces from an official network pickle")
+    generate.add_argument("--weights", metavar="FILE.pkl",
+                          help="NVIDIA stylegan2-ada-pytorch pickle (network-snapshot-*.pkl, ffhq.pkl); no code in "
+                               "it runs. Without it: the embedded default generator, matched to --gender/--age-group")
+    generate.add_argument("--gender", choices=("male", "female"), help="default generator: target gender")
+    generate.add_argument("--age-group", choices=("0-9", "10-29", "30-59", "60+"),
+                          help="default generator: target age group")
+    generate.add_argument("-o", "--output", metavar="GRID.png", help="default generator: save a grid of the faces")
+    generate.add_argument("--seed", type=int, default=0, help="z = RandomState(seed).randn(n, z_dim)")
+    generate.add_argument("-n", "--count", type=int, default=1, help="images from this seed")
+    generate.add_argument("--truncation", type=float, default=1.0, metavar="PSI", help="truncation psi")
+    generate.add_argument("--noise-mode", choices=["const", "random", "none"], default="const")
+    generate.add_argument("--class-idx", type=int, default=None, help="class label for a conditional model")
+    generate.add_argument("--save-array", metavar="OUT.npy", help="raw output, N x 3 x R x R float32 in ~[-1, 1]")
+    generate.add_argument("--outdir", metavar="DIR", help="save the images here as PNG")
+    generate.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    generate.add_argument("--threads", type=int, default=None, help="CPU threads for inference")
+    generate.set_defaults(handler=cmd_generate)
+
+    eval_gen = commands.add_parser("eval-generator", help="hit rate, detection, diversity, identity Frechet distance")
+    eval_gen.add_argument("--arcface", required=True, metavar="ONNX", help="identity model")
+    eval_gen.add_argument("--utkface", required=True, metavar="ZIP", help="held-out real faces for the distance")
+    eval_gen.add_argument("--per-target", type=int, default=16)
+    eval_gen.add_argument("--reference", type=int, default=400, help="held-out UTKFace faces to embed")
+    eval_gen.add_argument("--seed", type=int, default=0)
+    eval_gen.add_argument("--json-out", metavar="FILE.json")
+    eval_gen.add_argument("--device", default="auto")
+    eval_gen.add_argument("--threads", type=int, default=None)
+    eval_gen.set_defaults(handler=cmd_eval_generator)
+
+    fit_axes = commands.add_parser("fit-latent-axes",
+                                   help="TL-GAN: fit the default generator's gender/age axes with our heads")
+    fit_axes.add_argument("--samples", type=int, default=2000)
+    fit_axes.add_argument("--per-target", type=int, default=12, help="faces per target to measure capability")
+    fit_axes.add_argument("--seed", type=int, default=0)
+    fit_axes.add_argument("--out", metavar="FILE.json", help="default: weights/dcgan_latent_axes.json")
+    fit_axes.add_argument("--device", default="auto")
+    fit_axes.add_argument("--threads", type=int, default=None)
+    fit_axes.set_defaults(handler=cmd_fit_latent_axes)
+    train_attributes = commands.add_parser(
+        "train-attributes", help="train the gender/age heads on UTKFace with the detector frozen")
+    train_attributes.add_argument("--utkface", required=True, metavar="ZIP", help="UTKFace aligned & cropped zip")
+    train_attributes.add_argument("--out", default="weights/retinaface_attributes.pt", metavar="FILE.pt")
+    train_attributes.add_argument("--views", type=int, default=2, help="augmented views per training face")
+    train_attributes.add_argument("--limit", type=int, default=None, help="train on N faces (held-out stays whole)")
+    train_attributes.add_argument("--eval-limit", type=int, default=None, help="evaluate on the first N held-out")
+    train_attributes.add_argument("--epochs", type=int, default=30)
+    train_attributes.add_argument("--seed", type=int, default=0)
+    train_attributes.add_argument("--cache-dir", metavar="DIR", help="feature cache (default: the user cache)")
+    train_attributes.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    train_attributes.add_argument("--threads", type=int, default=None, help="CPU threads")
+    train_attributes.set_defaults(handler=cmd_train_attributes)
+
+    eval_attributes = commands.add_parser(
+        "eval-attributes", help="held-out UTKFace gender/age metrics through detect() itself")
+    eval_attributes.add_argument("--utkface", required=True, metavar="ZIP")
+    eval_attributes.add_argument("--sizes", type=int, nargs="+", default=[0, 32],
+                                 help="face widths in px to evaluate at; 0 = the native 200 px crop")
+    eval_attributes.add_argument("--limit", type=int, default=None, help="only the first N held-out faces")
+    eval_attributes.add_argument("--attribute-weights", metavar="FILE.pt", help="default: the shipped heads")
+    eval_attributes.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    eval_attributes.add_argument("--threads", type=int, default=None, help="CPU threads")
+    eval_attributes.set_defaults(handler=cmd_eval_attributes)
+
+    bot = commands.add_parser(
+        "bot", help="the Telegram bot; token from TELEGRAM_BOT_TOKEN or TELEGRAM_BOT_TOKEN_FILE",
+        description="Runs the Telegram bot. Environment: TELEGRAM_BOT_TOKEN or TELEGRAM_BOT_TOKEN_FILE (required), "
+                    "TELEGRAM_API_BASE_URL (default https://api.telegram.org), FACECHANGE_ALLOWED_USERS "
+                    "(comma-separated user ids; default everyone), TELEGRAM_WEBHOOK_SECRET (webhook mode; "
+                    "default a random one per start).")
+    bot.add_argument("--webhook-url", metavar="URL", help="public HTTPS URL for a webhook (production); "
+                     "without it the bot polls (development)")
+    bot.add_argument("--listen", default="0.0.0.0", help="webhook mode: address to listen on")
+    bot.add_argument("--port", type=int, default=8443, help="webhook mode: port to listen on")
+    bot.add_argument("--state", metavar="FILE.sqlite3", help="pending selections (default: in the user data dir)")
+    bot.add_argument("--session-minutes", type=float, default=15.0, help="a selection expires after this idle time")
+    bot.add_argument("--photos-per-minute", type=int, default=10, help="per-user limit")
+    bot.add_argument("--mode", choices=["synthetic", "blur", "pixelate"], default="synthetic",
+                     help="replacement for users who have not picked one in /settings")
+    bot.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    bot.add_argument("--threads", type=int, default=None, help="CPU threads for inference")
+    bot.set_defaults(handler=cmd_bot)
+    train_generator = commands.add_parser(
+        "train-generator", help="StyleGAN2-ADA training on UTKFace (gender x age classes); --pack builds the data")
+    from pipeline.generate.train import add_arguments as add_train_generator_arguments
+
+    add_train_generator_arguments(train_generator)
+    train_generator.set_defaults(handler=cmd_train_generator)
     return parser
 
 

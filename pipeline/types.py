@@ -15,6 +15,29 @@ AGE_GROUPS: tuple[str, ...] = ("0-9", "10-29", "30-59", "60+")
 GENDERS: tuple[str, ...] = ("male", "female")
 
 
+TREATMENTS: tuple[str, ...] = ("synthetic", "blur", "pixelate")
+
+
+@dataclass
+class Replacement:
+    """What the anonymizer did to one face that was not kept."""
+
+    treatment: str  # one of TREATMENTS: what was actually applied
+    reason: str | None = None  # why it differs from the requested mode (a fallback), if it does
+    seed: int | None = None  # the per-face seed: re-rolling one face means changing only this
+    latent: list[float] | None = None  # the generator latent the synthetic face came from
+
+    def to_json(self) -> dict[str, Any]:
+        record: dict[str, Any] = {"treatment": self.treatment}
+        if self.reason:
+            record["fallback_reason"] = self.reason
+        if self.seed is not None:
+            record["seed"] = self.seed
+        if self.latent is not None:
+            record["latent"] = [round(float(v), 5) for v in self.latent]
+        return record
+
+
 @dataclass
 class Face:
     """One detected face in image pixel coordinates (x to the right, y down)."""
@@ -30,6 +53,7 @@ class Face:
     age: float | None = None
     number: int | None = None  # 1-based, in reading order, as shown to the user
     keep: bool = False
+    replacement: Replacement | None = None  # how the anonymizer treated it (None: not yet, or kept)
 
     @property
     def width(self) -> float:
@@ -38,6 +62,23 @@ class Face:
     @property
     def height(self) -> float:
         return float(self.box[3] - self.box[1])
+
+    @property
+    def pose(self) -> tuple[float, float]:
+        """(yaw, pitch) estimated from the 5 landmarks, both about -0.5..0.5, 0 when frontal.
+
+        yaw: horizontal offset of the nose from the eyes' midpoint over the eye distance
+        (positive when the nose points to image-right); pitch: where the nose sits between the
+        eye line and the mouth line, relative to a frontal face's ~0.5.
+        """
+        left_eye, right_eye, nose, left_mouth, right_mouth = self.landmarks
+        eyes = (left_eye + right_eye) / 2
+        mouth = (left_mouth + right_mouth) / 2
+        eye_distance = max(float(np.linalg.norm(right_eye - left_eye)), 1e-3)
+        yaw = float(nose[0] - eyes[0]) / eye_distance
+        span = float(mouth[1] - eyes[1])
+        pitch = float(nose[1] - eyes[1]) / span - 0.55 if abs(span) > 1e-3 else 0.0
+        return yaw, pitch
 
     @property
     def size(self) -> float:
@@ -58,6 +99,10 @@ class Face:
         if self.age_group is not None:
             record["age_group"] = self.age_group
             record["age"] = round(float(self.age), 1)
+        if self.keep or self.replacement is not None:  # set once the user's choice is applied
+            record["kept"] = self.keep
+        if self.replacement is not None:
+            record.update(self.replacement.to_json())
         return record
 
 

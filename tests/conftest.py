@@ -49,3 +49,19 @@ def iou(a, b) -> float:
     inter = ix * iy
     union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
     return inter / union
+
+
+@pytest.fixture(scope="session")
+def anonymizer(model_cache):
+    import os
+
+    os.environ.setdefault("FACECHANGE_CACHE_DIR", str(model_cache))
+    from pipeline.anonymizer import Anonymizer, AnonymizerConfig
+
+    return Anonymizer(AnonymizerConfig(device="cpu"))
+
+
+@pytest.fixture(scope="session")
+def two_people(astronaut) -> np.ndarray:
+    """Two real faces side by side: the astronaut and her mirror image, on a 1024 x 512 photo."""
+    return np.ascontiguousarray(np.concatenate([astronaut, astronaut[:, ::-1]], axis=1))

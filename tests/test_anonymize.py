@@ -92,3 +92,42 @@ def test_cli_refuses_to_overwrite_its_input(tmp_path, astronaut, model_cache, mo
     Image.fromarray(astronaut).save(photo)
     assert cli.main(["anonymize", str(photo), "-o", str(tmp_path), "--mode", "blur"]) == 1
     assert np.array_equal(np.asarray(Image.open(photo)), astronaut)
+
+
+def test_simswap_backend_through_the_cli(tmp_path, two_people, model_cache, monkeypatch):
+    """Official-layout SimSwap files (random weights) plug in as the swap backend of `anonymize`."""
+    import torch
+    from test_simswap import _random_official_generator, save_official_arcface
+
+    monkeypatch.setenv("FACECHANGE_CACHE_DIR", str(model_cache))
+    generator = tmp_path / "latest_net_G.pth"
+    torch.save(_random_official_generator(), generator)
+    arcface = tmp_path / "arcface_checkpoint.tar"
+    save_official_arcface(tmp_path / "src", arcface, [1, 1, 1, 1], use_se=False)
+    photo = tmp_path / "two.png"
+    Image.fromarray(two_people).save(photo)
+    report = tmp_path / "r.jsonl"
+
+    code = cli.main(["anonymize", str(photo), "-o", str(tmp_path / "out"), "--keep", "1", "--json-out", str(report),
+                     "--swap-backend", "simswap", "--simswap-checkpoint", str(generator),
+                     "--simswap-arcface", str(arcface)])
+
+    assert code == 0
+    faces = json.loads(report.read_text())["faces"]
+    result = np.asarray(Image.open(tmp_path / "out" / "two.png"))
+    changed = _changed(result, two_people)
+    kept = [f for f in faces if f["kept"]][0]
+    kx1, ky1, kx2, ky2 = (int(v) for v in kept["box"])
+    assert not changed[ky1:ky2, kx1:kx2].any()
+    replaced = [f for f in faces if not f["kept"]][0]
+    if replaced["treatment"] == "synthetic":
+        x1, y1, x2, y2 = (int(v) for v in replaced["box"])
+        assert changed[y1:y2, x1:x2].mean() > 0.3
+
+
+def test_backend_without_its_files_is_a_clear_error(tmp_path, astronaut, model_cache, monkeypatch):
+    monkeypatch.setenv("FACECHANGE_CACHE_DIR", str(model_cache))
+    photo = tmp_path / "a.png"
+    Image.fromarray(astronaut).save(photo)
+    with pytest.raises(SystemExit, match="needs --simswap-checkpoint"):
+        cli.main(["anonymize", str(photo), "-o", str(tmp_path / "o"), "--swap-backend", "simswap"])

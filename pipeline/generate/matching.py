@@ -211,6 +211,16 @@ def _pose_distance(a: tuple[float, float], b: tuple[float, float]) -> float:
     return abs(a[0] - b[0]) + 0.5 * abs(a[1] - b[1])
 
 
+def fit_latent_axes(source: SyntheticFaceSource, samples: int, seed: int = 0, batch: int = 16) -> LatentAxes:
+    """TL-GAN step one: label random samples with our heads and fit the attribute axes."""
+    rng = np.random.RandomState(seed)
+    latents = rng.randn(samples, source.generator.z_dim)
+    faces: list[Face | None] = []
+    for start in range(0, samples, batch):
+        faces += source.analyzer(source.sample(latents[start:start + batch]))
+    return LatentAxes.fit(latents, faces)
+
+
 def measure_capability(source: SyntheticFaceSource, per_target: int = 12, seed: int = 0) -> dict[str, float]:
     """Hit rate of ``generate`` for every gender x age-group target."""
     rates = {}

@@ -1,0 +1,139 @@
+"""Anonymization benchmark: re-identification, detection and attribute retention, time by stage.
+
+Every mode runs on the same photos in the same run, so synthetic faces are compared with blur and
+pixelate directly. Faces of at least ``min_face`` px are measured (smaller ones cannot be
+recognized by people or by the identity model in the first place).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from pipeline.anonymizer import Anonymizer
+from pipeline.eval.identity import IdentityEmbedder
+from pipeline.image_io import load_image, save_image
+from pipeline.types import TREATMENTS, Face
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def _match(face: Face, found: list[Face]) -> Face | None:
+    best = max(found, key=lambda f: _iou(face.box, f.box), default=None)
+    return best if best is not None and _iou(face.box, best.box) >= 0.5 else None
+
+
+def _sheet(original: np.ndarray, results: dict[str, np.ndarray], width: int = 1800) -> np.ndarray:
+    """Original and each mode side by side, labelled, scaled to a viewable width."""
+    panels = [("original", original)] + list(results.items())
+    row = np.concatenate([img for _, img in panels], axis=1)
+    scale = min(1.0, width / row.shape[1])
+    row = cv2.resize(row, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
+    panel_width = row.shape[1] / len(panels)
+    for i, (name, _) in enumerate(panels):
+        cv2.putText(row, name, (int(i * panel_width) + 8, 28), cv2.FONT_HERSHEY_SIMPLEX, 0.9, (255, 255, 0), 2,
+                    cv2.LINE_AA)
+    return row
+
+
+def evaluate_anonymization(anonymizer: Anonymizer, embedder: IdentityEmbedder, threshold: float,
+                           photos: list[Path], sheets_dir: Path | None = None, min_face: float = 32.0,
+                           modes: tuple[str, ...] = TREATMENTS, seed: int = 0) -> dict:
+    totals = {mode: {"faces": 0, "reidentified": 0, "detected": 0, "gender_kept": 0, "gender_known": 0,
+                     "age_group_kept": 0, "age_known": 0, "similarity": 0.0, "seconds": 0.0,
+                     "replaced_faces": 0, "treatments": {}, "stage_seconds": {}} for mode in modes}
+    per_photo = []
+    if sheets_dir:
+        sheets_dir.mkdir(parents=True, exist_ok=True)
+    for path in photos:
+        image = load_image(path)
+        start = time.perf_counter()
+        faces = anonymizer.detect(image)
+        detect_seconds = time.perf_counter() - start
+        measured = [f for f in faces if f.size >= min_face]
+        original_embeddings = embedder.embed(image, [f.landmarks for f in measured])
+        results = {}
+        photo_record = {"image": str(path), "faces": len(faces), "measured_faces": len(measured)}
+        for mode in modes:
+            mode_faces = copy.deepcopy(faces)
+            anonymizer.times.seconds.clear()
+            start = time.perf_counter()
+            result = anonymizer.anonymize(image, mode_faces, keep=set(), mode=mode, seed=seed)
+            seconds = time.perf_counter() - start + detect_seconds
+            results[mode] = result
+            total = totals[mode]
+            total["seconds"] += seconds
+            total["replaced_faces"] += len(mode_faces)
+            for stage, value in anonymizer.times.seconds.items():
+                total["stage_seconds"][stage] = total["stage_seconds"].get(stage, 0.0) + value
+            total["stage_seconds"]["detect"] = total["stage_seconds"].get("detect", 0.0) + detect_seconds
+            for face in mode_faces:
+                kind = face.replacement.treatment
+                total["treatments"][kind] = total["treatments"].get(kind, 0) + 1
+            photo_record[f"{mode}_seconds"] = round(seconds, 3)
+            if not measured:
+                continue
+            redetected = anonymizer.detector.detect(result)
+            after = embedder.embed(result, [f.landmarks for f in measured])
+            similarity = np.sum(original_embeddings * after, axis=1)
+            total["faces"] += len(measured)
+            total["reidentified"] += int((similarity > threshold).sum())
+            total["similarity"] += float(similarity.sum())
+            for face in measured:
+                found = _match(face, redetected)
+                if found is None:
+                    continue
+                total["detected"] += 1
+                if face.gender is not None and found.gender is not None:
+                    total["gender_known"] += 1
+                    total["gender_kept"] += int(found.gender == face.gender)
+                if face.age_group is not None and found.age_group is not None:
+                    total["age_known"] += 1
+                    total["age_group_kept"] += int(found.age_group == face.age_group)
+        per_photo.append(photo_record)
+        if sheets_dir:
+            save_image(_sheet(image, results), sheets_dir / f"{path.stem}.sheet.jpg")
+    return {"photos": len(photos), "min_face": min_face, "threshold": threshold, "modes": {
+        mode: _summary(total, len(photos)) for mode, total in totals.items()}, "per_photo": per_photo}
+
+
+def _rate(num: int, den: int) -> float | None:
+    return round(num / den, 4) if den else None
+
+
+def _summary(total: dict, photos: int) -> dict:
+    return {
+        "faces_measured": total["faces"],
+        "reidentification": _rate(total["reidentified"], total["faces"]),
+        "mean_identity_similarity": round(total["similarity"] / total["faces"], 4) if total["faces"] else None,
+        "detection_retention": _rate(total["detected"], total["faces"]),
+        "gender_kept": _rate(total["gender_kept"], total["gender_known"]),
+        "age_group_kept": _rate(total["age_group_kept"], total["age_known"]),
+        "treatments": total["treatments"],
+        "seconds_per_photo": round(total["seconds"] / max(photos, 1), 3),
+        "seconds_per_face": round(total["seconds"] / max(total["replaced_faces"], 1), 4),
+        "stage_seconds_per_photo": {k: round(v / max(photos, 1), 3) for k, v in total["stage_seconds"].items()},
+    }
+
+
+def benchmark_photos(wider_root: Path | None, photos_dir: Path | None, limit: int) -> list[Path]:
+    """Group photos first, then WIDER dev photos in a fixed order (every k-th, to span events)."""
+    chosen: list[Path] = []
+    if photos_dir and photos_dir.is_dir():
+        chosen += sorted(p for p in photos_dir.glob("*.jpg"))
+    if wider_root and (wider_root / "annotations.json").is_file():
+        names = sorted(json.loads((wider_root / "annotations.json").read_text()))
+        step = max(1, len(names) // max(limit, 1))
+        chosen += [wider_root / "images" / name for name in names[::step]]
+    return chosen[:limit]

@@ -1,0 +1,73 @@
+"""Identity embeddings for privacy measurements (research-only model; never in the product path).
+
+The ArcFace MobileFaceNet ONNX model in ../shared embeds a face aligned to the standard 5-point
+ArcFace template; cosine similarity of L2-normalized embeddings says whether two faces are the
+same person. The threshold is calibrated at a fixed false-accept rate on CelebA identities.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import onnxruntime as ort
+
+ARCFACE_TEMPLATE_112 = np.array(
+    [[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655], [70.7299, 92.2041]],
+    np.float32,
+)
+
+
+def align_112(image_rgb: np.ndarray, landmarks: np.ndarray) -> np.ndarray:
+    matrix, _ = cv2.estimateAffinePartial2D(landmarks.astype(np.float32), ARCFACE_TEMPLATE_112, method=cv2.LMEDS)
+    return cv2.warpAffine(image_rgb, matrix, (112, 112), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
+
+
+class IdentityEmbedder:
+    def __init__(self, onnx_path: Path) -> None:
+        options = ort.SessionOptions()
+        options.log_severity_level = 3  # the converted model carries unused initializers; not our concern
+        self.session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+
+    def embed_aligned(self, faces_112: list[np.ndarray]) -> np.ndarray:
+        if not faces_112:
+            return np.zeros((0, 128), np.float32)
+        batch = np.stack(faces_112).astype(np.float32).transpose(0, 3, 1, 2)
+        (embeddings,) = self.session.run(["fc1"], {"data": batch})
+        return embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True).clip(1e-8)
+
+    def embed(self, image_rgb: np.ndarray, landmarks: list[np.ndarray]) -> np.ndarray:
+        return self.embed_aligned([align_112(image_rgb, lm) for lm in landmarks])
+
+
+def calibrate_threshold(embedder: IdentityEmbedder, detect_landmarks, celeba_dir: Path,
+                        far: float = 1e-3) -> dict:
+    """The similarity above which two CelebA photos of different people are accepted at rate ``far``.
+
+    ``detect_landmarks(image_rgb)`` gives the landmarks of the main face or None.
+    """
+    from pipeline.image_io import load_image
+
+    identities = json.loads((celeba_dir / "identities.json").read_text())
+    names = sorted(identities)
+    embeddings, labels = [], []
+    for name in names:
+        image = load_image(celeba_dir / "images" / name)
+        landmarks = detect_landmarks(image)
+        if landmarks is None:
+            continue
+        embeddings.append(embedder.embed(image, [landmarks])[0])
+        labels.append(identities[name])
+    emb = np.stack(embeddings)
+    ids = np.array(labels)
+    similarity = emb @ emb.T
+    upper = np.triu(np.ones_like(similarity, dtype=bool), k=1)
+    same = ids[:, None] == ids[None, :]
+    impostor = similarity[upper & ~same]
+    genuine = similarity[upper & same]
+    threshold = float(np.quantile(impostor, 1.0 - far))
+    return {"threshold": round(threshold, 4), "far": far, "tar": round(float((genuine > threshold).mean()), 4),
+            "faces": len(labels), "identities": len(set(labels)), "impostor_pairs": int(impostor.size),
+            "genuine_pairs": int(genuine.size)}
