@@ -6,7 +6,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
+
+import pipeline  # noqa: F401  (first: sets the OpenMP wait policy before torch loads)
+import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
