@@ -254,12 +254,31 @@ def cmd_fit_latent_axes(args: argparse.Namespace) -> int:
     anonymizer = Anonymizer(AnonymizerConfig(latent_axes=None, device=args.device, threads=args.threads))
     source = anonymizer.faces_source
     source.axes = fit_latent_axes(source, args.samples, seed=args.seed)
-    source.axes.capability = measure_capability(source, per_target=args.per_target, seed=args.seed + 1)
+    report: dict = {"own_heads_capability": measure_capability(source, per_target=args.per_target,
+                                                               seed=args.seed + 1)}
+    source.axes.capability = report["own_heads_capability"]
+    if args.judge_arcface:
+        # Graded by an independent judge, not by the heads that steered and verified the faces.
+        from pipeline.eval.identity import IdentityEmbedder
+        from pipeline.eval.judge import fit_judge, judged_capability
+
+        embedder = IdentityEmbedder(Path(args.judge_arcface))
+
+        def main_face_landmarks(image):
+            faces = anonymizer.detector.detect(image, threshold=0.5)
+            return max(faces, key=lambda f: f.score).landmarks if faces else None
+
+        judge = fit_judge(Path(args.utkface), embedder, main_face_landmarks)
+        report["judge_held_out"] = judge.held_out
+        source.axes.capability = judged_capability(source, embedder, judge, per_target=args.per_target,
+                                                   seed=args.seed + 1)
+        source.axes.capability_judge = "linear probe on ArcFace MobileFaceNet embeddings, UTKFace"
     out = Path(args.out) if args.out else DEFAULT_LATENT_AXES
     source.axes.save(out)
-    print(json.dumps({"out": str(out), "fitted_on": source.axes.fitted_on,
-                      "gender_positions": source.axes.gender_positions,
-                      "age_positions": source.axes.age_positions, "capability": source.axes.capability}, indent=2))
+    report.update({"out": str(out), "fitted_on": source.axes.fitted_on,
+                   "gender_positions": source.axes.gender_positions, "age_positions": source.axes.age_positions,
+                   "capability": source.axes.capability})
+    print(json.dumps(report, indent=2))
     return 0
 
 
@@ -311,9 +330,21 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_train_attributes(args: argparse.Namespace) -> int:
-    from pipeline.detect.train_attributes import run_training
+    from pipeline.detect.train_attributes import run_aligned_training, run_training
 
     set_threads(args.threads)
+    if args.variant == "aligned":
+        command = (f"facechange train-attributes --variant aligned --utkface {args.utkface} --out {args.out} "
+                   f"--epochs {args.epochs} --batch {args.batch} --seed {args.seed}")
+        if args.limit:
+            command += f" --limit {args.limit}"
+        if args.eval_limit:
+            command += f" --eval-limit {args.eval_limit}"
+        report = run_aligned_training(Path(args.utkface), Path(args.out), limit=args.limit, eval_limit=args.eval_limit,
+                                      epochs=args.epochs, seed=args.seed, batch=args.batch, command=command,
+                                      log=lambda line: print(line, file=sys.stderr, flush=True))
+        print(json.dumps(report, indent=2))
+        return 0
     detector = build_detector(DetectorConfig(attribute_weights=None), resolve_device(args.device), cache_dir())
     feature_cache = Path(args.cache_dir) if args.cache_dir else cache_dir() / "attribute-features"
     command = (f"facechange train-attributes --utkface {args.utkface} --out {args.out} --views {args.views} "
@@ -425,7 +456,8 @@ def build_parser() -> argparse.ArgumentParser:
     swap_aligned.add_argument("--threads", type=int, default=None, help="CPU threads for inference")
     swap_aligned.set_defaults(handler=cmd_swap_aligned)
 
-    generate = commands.add_parser("generate", help="StyleGAN2-ADA faces from an official network pickle")
+    generate = commands.add_parser("generate", help="faces of people who do not exist: the default generator "
+                                                    "matched to a gender and age group, or an official StyleGAN2-ADA pickle")
     generate.add_argument("--weights", metavar="FILE.pkl",
                           help="NVIDIA stylegan2-ada-pytorch pickle (network-snapshot-*.pkl, ffhq.pkl); no code in "
                                "it runs. Without it: the embedded default generator, matched to --gender/--age-group")
@@ -461,6 +493,9 @@ def build_parser() -> argparse.ArgumentParser:
     fit_axes.add_argument("--per-target", type=int, default=12, help="faces per target to measure capability")
     fit_axes.add_argument("--seed", type=int, default=0)
     fit_axes.add_argument("--out", metavar="FILE.json", help="default: weights/dcgan_latent_axes.json")
+    fit_axes.add_argument("--judge-arcface", metavar="ONNX",
+                          help="grade capability with an independent judge (a probe on this identity model)")
+    fit_axes.add_argument("--utkface", metavar="ZIP", help="faces to fit the judge on (with --judge-arcface)")
     fit_axes.add_argument("--device", default="auto")
     fit_axes.add_argument("--threads", type=int, default=None)
     fit_axes.set_defaults(handler=cmd_fit_latent_axes)
@@ -468,10 +503,14 @@ def build_parser() -> argparse.ArgumentParser:
         "train-attributes", help="train the gender/age heads on UTKFace with the detector frozen")
     train_attributes.add_argument("--utkface", required=True, metavar="ZIP", help="UTKFace aligned & cropped zip")
     train_attributes.add_argument("--out", default="weights/retinaface_attributes.pt", metavar="FILE.pt")
-    train_attributes.add_argument("--views", type=int, default=2, help="augmented views per training face")
+    train_attributes.add_argument("--variant", choices=("aligned", "roi"), default="aligned",
+                                  help="aligned: landmark-aligned face crop + small CNN (shipped); "
+                                       "roi: RoIAlign over the frozen backbone maps")
+    train_attributes.add_argument("--views", type=int, default=2, help="roi variant: augmented views per face")
+    train_attributes.add_argument("--batch", type=int, default=192, help="aligned variant: batch size")
     train_attributes.add_argument("--limit", type=int, default=None, help="train on N faces (held-out stays whole)")
     train_attributes.add_argument("--eval-limit", type=int, default=None, help="evaluate on the first N held-out")
-    train_attributes.add_argument("--epochs", type=int, default=30)
+    train_attributes.add_argument("--epochs", type=int, default=7, help="7 for aligned; the roi variant used 30")
     train_attributes.add_argument("--seed", type=int, default=0)
     train_attributes.add_argument("--cache-dir", metavar="DIR", help="feature cache (default: the user cache)")
     train_attributes.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")

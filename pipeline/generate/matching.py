@@ -86,6 +86,7 @@ class LatentAxes:
     age_positions: dict[str, float]  # where on the age axis each age group sits
     capability: dict[str, float] = field(default_factory=dict)  # target key -> measured hit rate
     fitted_on: int = 0
+    capability_judge: str = "our own heads"  # who graded the capability figures
 
     @classmethod
     def fit(cls, latents: np.ndarray, faces: list[Face | None]) -> LatentAxes:
@@ -128,14 +129,16 @@ class LatentAxes:
     def save(self, path: Path) -> None:
         record = {"gender": self.gender.tolist(), "age": self.age.tolist(),
                   "gender_positions": self.gender_positions, "age_positions": self.age_positions,
-                  "capability": self.capability, "fitted_on": self.fitted_on}
+                  "capability": self.capability, "capability_judge": self.capability_judge,
+                  "fitted_on": self.fitted_on}
         path.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
 
     @classmethod
     def load(cls, path: Path) -> LatentAxes:
         record = json.loads(path.read_text(encoding="utf-8"))
         return cls(np.array(record["gender"]), np.array(record["age"]), record["gender_positions"],
-                   record["age_positions"], record.get("capability", {}), record.get("fitted_on", 0))
+                   record["age_positions"], record.get("capability", {}), record.get("fitted_on", 0),
+                   record.get("capability_judge", "our own heads"))
 
 
 def _regression_direction(z: np.ndarray, y: np.ndarray) -> np.ndarray:

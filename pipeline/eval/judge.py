@@ -1,0 +1,112 @@
+"""An independent gender / age-group judge for measuring generators.
+
+A generator steered and verified with our own heads must not also be graded by them: their
+mistakes would count as hits. This judge is a linear probe on the identity embeddings of the
+research-only ArcFace model, fitted on UTKFace training faces and checked on the held-out split;
+it is used for measurement only, never in the product path.
+"""
+
+from __future__ import annotations
+
+import io
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from pipeline.detect.train_attributes import is_held_out, read_utkface
+from pipeline.eval.identity import IdentityEmbedder
+from pipeline.types import AGE_GROUPS, GENDERS
+
+AGE_EDGES = (10, 30, 60)  # upper bounds of 0-9, 10-29, 30-59
+
+
+def age_group_index(age: float) -> int:
+    return int(np.searchsorted(AGE_EDGES, age, side="right"))
+
+
+def _softmax_probe(x: np.ndarray, y: np.ndarray, classes: int, steps: int = 400) -> torch.nn.Linear:
+    torch.manual_seed(0)
+    probe = torch.nn.Linear(x.shape[1], classes)
+    optimizer = torch.optim.LBFGS(probe.parameters(), max_iter=steps, line_search_fn="strong_wolfe")
+    xt, yt = torch.from_numpy(x).float(), torch.from_numpy(y).long()
+
+    def closure():
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(probe(xt), yt) + 1e-3 * probe.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return probe
+
+
+@dataclass
+class EmbeddingJudge:
+    gender: torch.nn.Linear
+    age_group: torch.nn.Linear
+    held_out: dict
+
+    @torch.inference_mode()
+    def judge(self, embeddings: np.ndarray) -> tuple[list[str], list[str]]:
+        x = torch.from_numpy(embeddings).float()
+        genders = [GENDERS[i] for i in self.gender(x).argmax(1).tolist()]
+        groups = [AGE_GROUPS[i] for i in self.age_group(x).argmax(1).tolist()]
+        return genders, groups
+
+
+def fit_judge(zip_path: Path, embedder: IdentityEmbedder, detect_landmarks, train_faces: int = 1500,
+              test_faces: int = 400) -> EmbeddingJudge:
+    samples = read_utkface(zip_path)
+    rng = np.random.default_rng(0)
+    train = [samples[i] for i in rng.permutation(len(samples)) if not is_held_out(samples[i])][:train_faces]
+    test = [s for s in samples if is_held_out(s)][:test_faces]
+
+    def embed_all(chosen):
+        embeddings, genders, groups = [], [], []
+        with zipfile.ZipFile(zip_path) as archive:
+            for sample in chosen:
+                crop = np.asarray(Image.open(io.BytesIO(archive.read(sample.member))).convert("RGB"))
+                padded = np.pad(crop, ((50, 50), (50, 50), (0, 0)), constant_values=127)
+                landmarks = detect_landmarks(padded)
+                if landmarks is None:
+                    continue
+                embeddings.append(embedder.embed(padded, [landmarks])[0])
+                genders.append(sample.gender)
+                groups.append(age_group_index(sample.age))
+        return np.stack(embeddings), np.array(genders), np.array(groups)
+
+    x, g, a = embed_all(train)
+    judge = EmbeddingJudge(_softmax_probe(x, g, 2), _softmax_probe(x, a, 4), {})
+    xt, gt, at = embed_all(test)
+    genders, groups = judge.judge(xt)
+    judge.held_out = {
+        "faces": int(len(xt)),
+        "gender_accuracy": round(float(np.mean(np.array([GENDERS.index(s) for s in genders]) == gt)), 4),
+        "age_group_accuracy": round(float(np.mean(np.array([AGE_GROUPS.index(s) for s in groups]) == at)), 4),
+    }
+    return judge
+
+
+def judged_capability(source, embedder: IdentityEmbedder, judge: EmbeddingJudge, per_target: int = 16,
+                      seed: int = 0) -> dict[str, float]:
+    """Share of faces made for each target that the independent judge agrees with."""
+    from pipeline.generate.matching import Target
+
+    rates = {}
+    for gender in GENDERS:
+        for group in AGE_GROUPS:
+            target = Target(gender, group)
+            made = [source.generate(target, seed + i) for i in range(per_target)]
+            faces = [m for m in made if m is not None]
+            if not faces:
+                rates[target.key] = 0.0
+                continue
+            embeddings = np.concatenate([embedder.embed(m.image, [m.landmarks]) for m in faces])
+            genders, groups = judge.judge(embeddings)
+            hits = sum(g == gender and a == group for g, a in zip(genders, groups))
+            rates[target.key] = round(hits / per_target, 4)
+    return rates
