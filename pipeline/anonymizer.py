@@ -7,11 +7,11 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import cv2
 import numpy as np
-import torch
 
 from pipeline.detect import DetectorConfig, RetinaFaceDetector, build_detector
-from pipeline.generate.dcgan import load_dcgan
+from pipeline.generate import DEFAULT_GENERATOR, build_generator
 from pipeline.generate.matching import LatentAxes, SyntheticFaceSource, Target
 from pipeline.runtime import cache_dir, resolve_device, set_threads
 from pipeline.select import mark_kept, number_in_reading_order
@@ -28,7 +28,18 @@ DEFAULT_LATENT_AXES = WEIGHTS_DIR / "dcgan_latent_axes.json"
 class AnonymizerConfig:
     detector: DetectorConfig = field(default_factory=DetectorConfig)
     swap: SwapConfig = field(default_factory=SwapConfig)
-    latent_axes: Path | None = DEFAULT_LATENT_AXES
+    # "dcgan" (embedded default), an official StyleGAN2-ADA .pkl, or our trained .pt.
+    generator: str = DEFAULT_GENERATOR
+    # TL-GAN axes and measured capability of that generator (see `facechange fit-latent-axes`);
+    # None: weights/dcgan_latent_axes.json for the default, FILE.axes.json beside any other.
+    latent_axes: Path | None = None
+
+    def axes_path(self) -> Path:
+        if self.latent_axes is not None:
+            return self.latent_axes
+        if self.generator == DEFAULT_GENERATOR:
+            return DEFAULT_LATENT_AXES
+        return Path(self.generator).with_suffix(".axes.json")
     device: str = "auto"
     threads: int | None = None
     # Beyond this yaw (nose offset over eye distance) a frontal synthetic face cannot be aligned
@@ -60,8 +71,11 @@ class Anonymizer:
         set_threads(cfg.threads)
         self.device = resolve_device(cfg.device)
         self.detector: RetinaFaceDetector = build_detector(cfg.detector, self.device, cache_dir())
-        axes = LatentAxes.load(cfg.latent_axes) if cfg.latent_axes and cfg.latent_axes.is_file() else None
-        self.faces_source = SyntheticFaceSource(load_dcgan(), self.analyze_synthetic, axes, self.device)
+        axes_path = cfg.axes_path()
+        axes = LatentAxes.load(axes_path) if axes_path.is_file() else None
+        generator = build_generator(cfg.generator, self.device)
+        self.faces_source = SyntheticFaceSource(generator.module, self.analyze_synthetic, axes, self.device,
+                                                sampling_kwargs=generator.sampling_kwargs)
         self.swapper = build_swapper(cfg.swap, self.device)
         self.times = StageTimes()
 
@@ -79,8 +93,8 @@ class Anonymizer:
         """
         if not images:
             return []
-        scale, margin = 2, 32
-        side = images[0].shape[0] * scale
+        side, margin = 128, 32  # any generator resolution is shown to the detector at 128 px
+        scale = side / images[0].shape[0]
         cell = side + 2 * margin
         columns = min(4, len(images))
         rows = -(-len(images) // columns)
@@ -88,7 +102,8 @@ class Anonymizer:
         for i, image in enumerate(images):
             r, c = divmod(i, columns)
             top, left = r * cell + margin, c * cell + margin
-            mosaic[top:top + side, left:left + side] = np.kron(image, np.ones((scale, scale, 1), np.uint8))
+            interpolation = cv2.INTER_CUBIC if scale > 1 else cv2.INTER_AREA
+            mosaic[top:top + side, left:left + side] = cv2.resize(image, (side, side), interpolation=interpolation)
         best: list[Face | None] = [None] * len(images)
         for face in self.detector.detect(mosaic, threshold=0.5):
             cx, cy = (face.box[0] + face.box[2]) / 2, (face.box[1] + face.box[3]) / 2

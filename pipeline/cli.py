@@ -83,7 +83,10 @@ def cmd_detect(args: argparse.Namespace) -> int:
 
 
 def _add_swap_options(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("face swap")
+    group = parser.add_argument_group("generator and face swap")
+    group.add_argument("--generator", default="dcgan",
+                       help="dcgan (embedded), an official StyleGAN2-ADA .pkl, or a trained .pt; its measured "
+                            "capability is read from GENERATOR.axes.json (facechange fit-latent-axes)")
     group.add_argument("--swap-backend", choices=("blend", "simswap", "inswapper"), default="blend",
                        help="blend: embedded default; simswap / inswapper: official weights you supply")
     group.add_argument("--simswap-checkpoint", metavar="latest_net_G.pth")
@@ -102,8 +105,8 @@ def _anonymizer_from_args(args: argparse.Namespace):
     swap = SwapConfig(args.swap_backend, optional_path(args.simswap_checkpoint), optional_path(args.simswap_arcface),
                       optional_path(args.inswapper_model), optional_path(args.inswapper_arcface))
     try:
-        return Anonymizer(AnonymizerConfig(detector=_detector_config(args), swap=swap, device=args.device,
-                                           threads=args.threads))
+        return Anonymizer(AnonymizerConfig(detector=_detector_config(args), swap=swap, generator=args.generator,
+                                           device=args.device, threads=args.threads))
     except ValueError as exc:
         raise SystemExit(f"facechange: {exc}") from exc
 
@@ -248,12 +251,19 @@ def cmd_generate_matched(args: argparse.Namespace) -> int:
 
 
 def cmd_fit_latent_axes(args: argparse.Namespace) -> int:
-    from pipeline.anonymizer import DEFAULT_LATENT_AXES, Anonymizer, AnonymizerConfig
-    from pipeline.generate.matching import fit_latent_axes, measure_capability
+    import numpy as np
 
-    anonymizer = Anonymizer(AnonymizerConfig(latent_axes=None, device=args.device, threads=args.threads))
+    from pipeline.anonymizer import Anonymizer, AnonymizerConfig
+    from pipeline.generate.matching import LatentAxes, fit_latent_axes, measure_capability
+
+    cfg = AnonymizerConfig(generator=args.generator, latent_axes=Path(args.out) if args.out else None,
+                           device=args.device, threads=args.threads)
+    anonymizer = Anonymizer(cfg)
     source = anonymizer.faces_source
-    source.axes = fit_latent_axes(source, args.samples, seed=args.seed)
+    if source.conditional:  # the label does the steering: only the capability is measured
+        source.axes = LatentAxes(np.zeros(1), np.zeros(1), {}, {})
+    else:
+        source.axes = fit_latent_axes(source, args.samples, seed=args.seed)
     report: dict = {"own_heads_capability": measure_capability(source, per_target=args.per_target,
                                                                seed=args.seed + 1)}
     source.axes.capability = report["own_heads_capability"]
@@ -273,7 +283,7 @@ def cmd_fit_latent_axes(args: argparse.Namespace) -> int:
         source.axes.capability = judged_capability(source, embedder, judge, per_target=args.per_target,
                                                    seed=args.seed + 1)
         source.axes.capability_judge = "linear probe on ArcFace MobileFaceNet embeddings, UTKFace"
-    out = Path(args.out) if args.out else DEFAULT_LATENT_AXES
+    out = cfg.axes_path()
     source.axes.save(out)
     report.update({"out": str(out), "fitted_on": source.axes.fitted_on,
                    "gender_positions": source.axes.gender_positions, "age_positions": source.axes.age_positions,
@@ -492,7 +502,9 @@ def build_parser() -> argparse.ArgumentParser:
     fit_axes.add_argument("--samples", type=int, default=2000)
     fit_axes.add_argument("--per-target", type=int, default=12, help="faces per target to measure capability")
     fit_axes.add_argument("--seed", type=int, default=0)
-    fit_axes.add_argument("--out", metavar="FILE.json", help="default: weights/dcgan_latent_axes.json")
+    fit_axes.add_argument("--generator", default="dcgan", help="dcgan, an official .pkl or a trained .pt")
+    fit_axes.add_argument("--out", metavar="FILE.json",
+                          help="default: weights/dcgan_latent_axes.json, or GENERATOR.axes.json beside another")
     fit_axes.add_argument("--judge-arcface", metavar="ONNX",
                           help="grade capability with an independent judge (a probe on this identity model)")
     fit_axes.add_argument("--utkface", metavar="ZIP", help="faces to fit the judge on (with --judge-arcface)")

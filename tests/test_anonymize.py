@@ -131,3 +131,34 @@ def test_backend_without_its_files_is_a_clear_error(tmp_path, astronaut, model_c
     Image.fromarray(astronaut).save(photo)
     with pytest.raises(SystemExit, match="needs --simswap-checkpoint"):
         cli.main(["anonymize", str(photo), "-o", str(tmp_path / "o"), "--swap-backend", "simswap"])
+
+
+def test_a_trained_conditional_generator_plugs_in_and_is_not_trusted_unmeasured(tmp_path, two_people):
+    """A StyleGAN2-ADA ship file becomes the generator; without a measured capability file the
+    anonymizer refuses to paste its faces (it might put an adult on a child) and blurs instead."""
+    import torch
+
+    from pipeline.anonymizer import Anonymizer, AnonymizerConfig
+    from pipeline.generate.checkpoint import save_ship_file
+    from pipeline.generate.matching import Target
+    from pipeline.generate.stylegan2 import Generator
+
+    kwargs = {"z_dim": 32, "c_dim": 8, "w_dim": 32, "img_resolution": 32, "img_channels": 3,
+              "mapping_kwargs": {"num_layers": 2}, "synthesis_kwargs": {"channel_base": 512, "channel_max": 32}}
+    torch.manual_seed(0)
+    path = tmp_path / "G_ema-000010.fp16.pt"
+    save_ship_file(Generator(**kwargs), {"G": kwargs}, path, {"kimg": 10})
+
+    anonymizer = Anonymizer(AnonymizerConfig(generator=str(path), device="cpu"))
+    source = anonymizer.faces_source
+    assert source.conditional
+    label = source.label(Target("female", "60+"), 2)
+    assert label.shape == (2, 8) and label[0].argmax().item() == 1 * 4 + 3
+    z = np.random.RandomState(0).randn(1, 32)
+    older, younger = source.sample(z, Target("female", "60+")), source.sample(z, Target("female", "0-9"))
+    assert older[0].shape == (32, 32, 3) and not np.array_equal(older[0], younger[0])
+
+    faces = anonymizer.detect(two_people)
+    anonymizer.anonymize(two_people, faces, keep=set(), mode="synthetic")
+    assert all(f.replacement.treatment == "blur" for f in faces)
+    assert all("cannot make" in f.replacement.reason for f in faces)

@@ -160,8 +160,10 @@ class SyntheticFaceSource:
     """Makes verified synthetic faces for targets, from a generator and our face analyzer."""
 
     def __init__(self, generator: torch.nn.Module, analyzer: FaceAnalyzer, axes: LatentAxes | None,
-                 device: torch.device, candidates: int = 8, rounds: int = 4) -> None:
+                 device: torch.device, candidates: int = 8, rounds: int = 4,
+                 sampling_kwargs: dict | None = None) -> None:
         self.generator = generator.to(device).eval()
+        self.sampling_kwargs = sampling_kwargs or {}
         self.analyzer = analyzer
         self.axes = axes
         self.device = device
@@ -174,14 +176,26 @@ class SyntheticFaceSource:
 
     def can_make(self, target: Target) -> bool:
         """Whether measurement showed this generator meets the target's gender and age group."""
+        if target.gender is None and target.age_group is None:
+            return not self.conditional
         if self.axes is None or not self.axes.capability:
-            return not self.conditional and target.gender is None and target.age_group is None
+            return False  # never measured: an unverified generator must not replace a child's face
         return self.axes.capability.get(target.key, 0.0) >= REACHABLE_HIT_RATE
 
+    def label(self, target: Target, count: int) -> torch.Tensor | None:
+        """A conditional generator's one-hot class (gender x age group, as it was trained)."""
+        if not self.conditional:
+            return None
+        if target.gender is None or target.age_group is None:
+            raise ValueError("a conditional generator needs both a gender and an age group")
+        c = torch.zeros(count, self.generator.c_dim, device=self.device)
+        c[:, GENDERS.index(target.gender) * len(AGE_GROUPS) + AGE_GROUPS.index(target.age_group)] = 1
+        return c
+
     @torch.inference_mode()
-    def sample(self, latents: np.ndarray) -> list[np.ndarray]:
+    def sample(self, latents: np.ndarray, target: Target = Target()) -> list[np.ndarray]:
         z = torch.from_numpy(latents.astype(np.float32)).to(self.device)
-        return to_uint8(self.generator(z, None))
+        return to_uint8(self.generator(z, self.label(target, len(latents)), **self.sampling_kwargs))
 
     def candidates_for(self, target: Target, seed: int) -> list[SyntheticFace]:
         """Verified candidates (hits first), each also mirrored so that pose can be matched."""
@@ -189,9 +203,9 @@ class SyntheticFaceSource:
         found: list[SyntheticFace] = []
         for _ in range(self.rounds):
             z = rng.randn(self.candidates, self.generator.z_dim)
-            if self.axes is not None:
+            if self.axes is not None and not self.conditional:
                 z = self.axes.steer(z, target)
-            images = self.sample(z)
+            images = self.sample(z, target)
             for latent, image, face in zip(z, images, self.analyzer(images)):
                 if face is not None:
                     found.append(SyntheticFace(image, face.landmarks, latent, seed, face, target.met_by(face)))
