@@ -49,6 +49,12 @@ def _print_report(report: dict, json_out: str | None) -> None:
         Path(json_out).write_text(text + "\n", encoding="utf-8")
 
 
+def _report_failure(out: IO[str], path: str, exc: ImageError) -> None:
+    """A bad input gets one line on stderr and an error record; the batch goes on."""
+    print(f"facechange: {path}: {exc}", file=sys.stderr)
+    out.write(json.dumps({"image": path, "error": str(exc)}) + "\n")
+
+
 def _open_output(path: str | None) -> IO[str]:
     return open(path, "w", encoding="utf-8") if path else sys.stdout
 
@@ -66,8 +72,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
                 image = load_image(path)
             except ImageError as exc:
                 failures += 1
-                print(f"facechange: {path}: {exc}", file=sys.stderr)
-                out.write(json.dumps({"image": path, "error": str(exc)}) + "\n")
+                _report_failure(out, path, exc)
                 continue
             faces = number_in_reading_order(detector.detect(image))
             record = {"image": path, "width": image.shape[1], "height": image.shape[0],
@@ -142,8 +147,7 @@ def cmd_anonymize(args: argparse.Namespace) -> int:
                 image = load_image(path)
             except ImageError as exc:
                 failures += 1
-                print(f"facechange: {path}: {exc}", file=sys.stderr)
-                out.write(json.dumps({"image": path, "error": str(exc)}) + "\n")
+                _report_failure(out, path, exc)
                 continue
             faces = anonymizer.detect(image)
             result = anonymizer.anonymize(image, faces, keep=keep, mode=args.mode, seed=args.seed,
