@@ -1,10 +1,12 @@
-"""Gender and age heads that read the detector's own feature maps at each detected face.
+"""Gender and age heads of the detector: sub-modules that run in the same pass that found the face.
 
-Per-anchor 1x1 heads on MobileNet-0.25's 64-channel SSH maps see one cell per face; measured on
-held-out UTKFace they fall short of the targets (see weights/manifest.json), so the shipped head
-pools the backbone stage outputs (64/128/256 channels, strides 8/16/32) over the face's box with
-RoIAlign and runs a small conv + MLP on them. It is a sub-module of the detector network and runs
-on the maps of the same forward pass that found the face: one model, one call.
+Per-anchor 1x1 heads on MobileNet-0.25's 64-channel SSH maps see one cell per face, and even
+RoIAlign over the frozen backbone stages (``AttributeHead``, the first shipped variant) falls
+short of the targets: the detector's features carry little gender/age information. The
+``AlignedAttributeHead`` instead samples a landmark-aligned 64 px face crop from the pass's own
+input tensor (affine_grid + grid_sample, using the landmarks the pass just decoded) and runs a
+small CNN trained from scratch on it. Either head only adds columns: one model, one call, and the
+detector's boxes, scores and landmarks are unchanged.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import numpy as np
 import torch
 import torchvision
 from torch import nn
+from torch.nn import functional as F
 
 from pipeline.types import AGE_GROUPS, GENDERS
 from pipeline.weights import sha256_file
@@ -22,6 +25,8 @@ from pipeline.weights import sha256_file
 WEIGHTS_FILE = Path(__file__).resolve().parents[2] / "weights" / "retinaface_attributes.pt"
 MANIFEST_NAME = "retinaface-attributes-utkface"
 FORMAT = "facechange-attributes-v1"
+ALIGNED_FORMAT = "facechange-attributes-aligned-v1"
+FORMATS = (FORMAT, ALIGNED_FORMAT)
 
 STRIDES: tuple[int, ...] = (8, 16, 32)
 MAX_AGE = 100  # fine age bins are whole years 0..MAX_AGE; older faces count as MAX_AGE
@@ -63,10 +68,105 @@ class AttributeHead(nn.Module):
         logits = self.out(self.mlp(self.reduce(pooled)))
         return logits[:, :2], logits[:, 2:6], logits[:, 6:]
 
-    def columns(self, body_maps: list[torch.Tensor], boxes: torch.Tensor) -> torch.Tensor:
+    def columns(self, body_maps: list[torch.Tensor], boxes: torch.Tensor, image: torch.Tensor | None = None,
+                landmarks: torch.Tensor | None = None) -> torch.Tensor:
         """The detector's extra row columns for these boxes: P(female), group probabilities, age."""
-        gender, group, bins = self(pool_boxes(body_maps, boxes, self.pool).float())
-        return torch.cat([torch.softmax(gender, 1)[:, 1:], torch.softmax(group, 1), expected_age(bins)[:, None]], 1)
+        return _columns(*self(pool_boxes(body_maps, boxes, self.pool).float()))
+
+
+def _columns(gender: torch.Tensor, group: torch.Tensor, bins: torch.Tensor) -> torch.Tensor:
+    return torch.cat([torch.softmax(gender, 1)[:, 1:], torch.softmax(group, 1), expected_age(bins)[:, None]], 1)
+
+
+# Aligned-face branch. Mean 5 landmarks (eyes, nose, mouth corners) that the detector finds on 260
+# UTKFace training crops (200 x 200, padded 50 px before detecting): UTKFace crops are already
+# aligned, so training reads a fixed window of every crop and inference maps each face's own
+# landmarks onto the same points.
+UTKFACE_MEAN_LANDMARKS = ((60.54, 58.37), (137.92, 59.80), (98.56, 106.55), (64.80, 137.10), (132.51, 138.43))
+UTKFACE_CROP = 200
+ALIGN_WINDOW = (20.0, 160.0)  # left/top and side of the square window (200 px crop coordinates)
+ALIGN_SIZE = 64  # side of the aligned crop the CNN reads
+
+
+def aligned_template(size: int = ALIGN_SIZE) -> torch.Tensor:
+    """The 5 template points in the pixel coordinates of the size x size aligned crop."""
+    start, side = ALIGN_WINDOW
+    return (torch.tensor(UTKFACE_MEAN_LANDMARKS) - start) * (size / side)
+
+
+def similarity_to(src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
+    """Least-squares similarity transforms (N, 2, 3) taking src (5, 2) onto each dst (N, 5, 2)."""
+    src_mean, dst_mean = src.mean(0), dst.mean(1, keepdim=True)
+    s, d = src - src_mean, dst - dst_mean
+    norm = (s**2).sum()
+    a = ((d[..., 0] * s[:, 0] + d[..., 1] * s[:, 1]).sum(1)) / norm  # s cos
+    b = ((d[..., 1] * s[:, 0] - d[..., 0] * s[:, 1]).sum(1)) / norm  # s sin
+    rot = torch.stack([torch.stack([a, -b], 1), torch.stack([b, a], 1)], 1)  # (N, 2, 2)
+    shift = dst_mean[:, 0] - (rot @ src_mean)
+    return torch.cat([rot, shift[..., None]], 2)
+
+
+def sample_aligned(image: torch.Tensor, pixel_map: torch.Tensor, size: int) -> torch.Tensor:
+    """Bilinear crops (N, C, size, size) of image 0 where pixel_map (N, 2, 3) takes crop pixels to image pixels."""
+    height, width = image.shape[-2:]
+    # crop normalised -> crop pixel: u = ((x + 1) * size - 1) / 2 ; image pixel -> normalised: (2 p + 1) / W - 1
+    to_pixel = pixel_map.new_tensor([[size / 2, 0, (size - 1) / 2], [0, size / 2, (size - 1) / 2], [0, 0, 1]])
+    to_norm = pixel_map.new_tensor([[2 / width, 0, 1 / width - 1], [0, 2 / height, 1 / height - 1], [0, 0, 1]])
+    full = torch.cat([pixel_map, pixel_map.new_tensor([0, 0, 1]).expand(len(pixel_map), 1, 3)], 1)
+    theta = (to_norm @ full @ to_pixel)[:, :2]
+    grid = F.affine_grid(theta, [len(pixel_map), image.shape[1], size, size], align_corners=False)
+    return F.grid_sample(image[:1].expand(len(pixel_map), -1, -1, -1), grid, mode="bilinear",
+                         padding_mode="border", align_corners=False)
+
+
+def _block(cin: int, cout: int, stride: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+class AlignedAttributeHead(nn.Module):
+    """Landmark-aligned face crop from the network's input tensor -> small CNN -> gender, age group, age bins.
+
+    The crop is sampled (bilinear, 2x supersampled then averaged) from the same BGR-minus-mean
+    tensor the detector just ran on, with the similarity transform from this head's template to
+    the face's detected landmarks; the detector's own outputs are untouched. With ``flip`` the
+    logits of the crop and its mirror image are averaged.
+    """
+
+    def __init__(self, size: int = ALIGN_SIZE, widths: tuple[int, ...] = (32, 64, 128, 192), dropout: float = 0.3,
+                 flip: bool = True) -> None:
+        super().__init__()
+        self.size, self.flip = size, flip
+        self.config = {"size": size, "widths": list(widths), "dropout": dropout, "flip": flip}
+        self.register_buffer("template", aligned_template(size))
+        layers, cin = [], 3
+        for i, width in enumerate(widths):  # the first stage is a single stride-2 conv: full resolution is costly
+            layers += [_block(cin, width, 2)] + ([_block(width, width, 1)] if i else [])
+            cin = width
+        self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout))
+        self.out = nn.Linear(cin, len(GENDERS) + len(AGE_GROUPS) + MAX_AGE + 1)
+
+    def forward(self, crops: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """crops: (N, 3, size, size) BGR minus the detector's mean, as the detector's input tensor."""
+        logits = self.out(self.features(crops / 64.0))
+        return logits[:, :2], logits[:, 2:6], logits[:, 6:]
+
+    def crops(self, image: torch.Tensor, landmarks: torch.Tensor) -> torch.Tensor:
+        """Aligned crops of the faces with these (N, 5, 2) landmarks in the input tensor's pixels."""
+        fine = 2 * self.size
+        # template and landmarks are continuous coordinates (pixel i spans [i, i + 1)); the map wants pixel centres
+        pixel_map = similarity_to(self.template * 2 - 0.5, landmarks.float() - 0.5)
+        return F.avg_pool2d(sample_aligned(image.float(), pixel_map, fine), 2)
+
+    def columns(self, body_maps: list[torch.Tensor], boxes: torch.Tensor, image: torch.Tensor | None = None,
+                landmarks: torch.Tensor | None = None) -> torch.Tensor:
+        crops = self.crops(image, landmarks.reshape(-1, 5, 2))
+        if self.flip:
+            gender, group, bins = self(torch.cat([crops, crops.flip(3)]))
+            n = len(crops)
+            gender, group, bins = [(t[:n] + t[n:]) / 2 for t in (gender, group, bins)]
+        else:
+            gender, group, bins = self(crops)
+        return _columns(gender, group, bins)
 
 
 def expected_age(bin_logits: torch.Tensor) -> torch.Tensor:
@@ -74,20 +174,21 @@ def expected_age(bin_logits: torch.Tensor) -> torch.Tensor:
     return torch.softmax(bin_logits, 1) @ ages
 
 
-def save_head(head: AttributeHead, path: Path, provenance: dict) -> None:
-    """fp16 weights (the head is ~0.6 M parameters, ~1.2 MB) plus what is needed to rebuild it."""
-    state = {k: (v.half() if v.is_floating_point() else v) for k, v in head.state_dict().items()}
+def save_head(head: AttributeHead | AlignedAttributeHead, path: Path, provenance: dict) -> None:
+    """fp16 weights (either head is ~1 M parameters, ~2 MB) plus what is needed to rebuild it."""
+    state = {k: (v.half() if v.is_floating_point() and k != "template" else v) for k, v in head.state_dict().items()}
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"format": FORMAT, "config": head.config, "state_dict": state, "provenance": provenance}, path)
+    fmt = ALIGNED_FORMAT if isinstance(head, AlignedAttributeHead) else FORMAT
+    torch.save({"format": fmt, "config": head.config, "state_dict": state, "provenance": provenance}, path)
 
 
-def load_head(path: Path, sha256: str | None) -> AttributeHead:
+def load_head(path: Path, sha256: str | None) -> AttributeHead | AlignedAttributeHead:
     """Rebuild a head from ``save_head``'s file; refuses a file whose hash differs from the given one."""
     if sha256 is not None and sha256_file(path) != sha256:
         raise ValueError(f"{path}: sha256 differs from weights/manifest.json; retrain or update the manifest")
     blob = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(blob, dict) or blob.get("format") != FORMAT:
-        raise ValueError(f"{path}: not a {FORMAT} file")
-    head = AttributeHead(**blob["config"])
+    if not isinstance(blob, dict) or blob.get("format") not in FORMATS:
+        raise ValueError(f"{path}: not a {' or '.join(FORMATS)} file")
+    head = (AlignedAttributeHead if blob["format"] == ALIGNED_FORMAT else AttributeHead)(**blob["config"])
     head.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in blob["state_dict"].items()})
     return head.eval()

@@ -194,13 +194,15 @@ class RetinaFaceDetector:
 
     def _decode(self, image_rgb: np.ndarray, threshold: float) -> np.ndarray:
         """Rows for one network pass; attribute columns come from this pass's maps at the final boxes."""
-        loc, conf, landmarks, body = self._forward(self._to_tensor(image_rgb))
+        tensor = self._to_tensor(image_rgb)
+        loc, conf, landmarks, body = self._forward(tensor)
         rows = self.rows_from_outputs(loc, conf, landmarks, image_rgb.shape[:2], threshold)
         if rows.shape[0] == 0:
             return np.zeros((0, self._columns), dtype=np.float32)
         if self.attribute_head is None:
             return rows
-        attributes = self.attribute_head.columns(body, torch.from_numpy(rows[:, :4]).to(self.device))
+        attributes = self.attribute_head.columns(body, torch.from_numpy(rows[:, :4]).to(self.device), tensor,
+                                                 torch.from_numpy(rows[:, 5:15]).to(self.device))
         return np.concatenate([rows, attributes.float().cpu().numpy()], axis=1)
 
     def rows_from_outputs(self, loc: torch.Tensor, conf: torch.Tensor, landmarks: torch.Tensor,

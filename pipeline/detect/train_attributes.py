@@ -1,5 +1,8 @@
 """Training and evaluation of the gender/age heads on UTKFace with the detector frozen.
 
+Two variants: the aligned-face branch (``run_aligned_training``, shipped; see the end of this
+file) and the RoI head on cached detector features (``run_training``), described below.
+
 Each UTKFace crop is pasted into a padded canvas (so the detector sees a face with context, as
 in a photo), degraded, and run through the frozen detector once; the features pooled at the
 detected box are cached, and the heads are trained on the cache. The detector never changes, so
@@ -23,7 +26,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from pipeline.detect.attributes import (
+    ALIGN_WINDOW,
     MAX_AGE,
+    AlignedAttributeHead,
     AttributeHead,
     age_group_index,
     expected_age,
@@ -373,3 +378,173 @@ def evaluate_attributes(detector: RetinaFaceDetector, zip_path: Path, face_px: i
             genders.append(sample.gender)
     return attribute_metrics(np.asarray(female), np.asarray(groups).reshape(-1, len(AGE_GROUPS)), np.asarray(years),
                              np.asarray(ages, dtype=np.int64), np.asarray(genders, dtype=np.int64), len(held_out))
+
+
+# ---------------------------------------------------------------------------------------------
+# Aligned-face branch: a small CNN trained from scratch on landmark-aligned crops (see
+# attributes.AlignedAttributeHead). UTKFace crops are already aligned, so training reads the
+# fixed window ALIGN_WINDOW of every crop (no per-image detection); at inference the face's own
+# landmarks are mapped onto the mean landmarks of that window.
+
+STORE_SIZE = 80  # crops are kept as uint8 80 x 80 of the whole 200 px crop: the 64 px window plus context
+
+
+def load_aligned_crops(zip_path: Path, samples: list[Sample], face_px: int | None = None) -> np.ndarray:
+    """(N, STORE_SIZE, STORE_SIZE, 3) uint8 RGB: each crop resized (area) to STORE_SIZE.
+
+    With ``face_px`` the crop is first shrunk so its face is ``face_px`` wide, then scaled back
+    up (bilinear): what a small face in a photo looks like once the head samples it.
+    """
+    out = np.empty((len(samples), STORE_SIZE, STORE_SIZE, 3), np.uint8)
+    with zipfile.ZipFile(zip_path) as archive:
+        for i, sample in enumerate(samples):
+            crop = cv2.imdecode(np.frombuffer(archive.read(sample.member), np.uint8), cv2.IMREAD_COLOR)[:, :, ::-1]
+            crop = cv2.resize(np.ascontiguousarray(crop), (NATIVE_CROP, NATIVE_CROP), interpolation=cv2.INTER_AREA)
+            if face_px is not None:
+                side = int(round(face_px / FACE_WIDTH_IN_CROP))
+                small = cv2.resize(crop, (side, side), interpolation=cv2.INTER_AREA)
+                crop = cv2.resize(small, (NATIVE_CROP, NATIVE_CROP), interpolation=cv2.INTER_LINEAR)
+            out[i] = cv2.resize(crop, (STORE_SIZE, STORE_SIZE), interpolation=cv2.INTER_AREA)
+    return out
+
+
+def _to_input(batch: torch.Tensor, mean_bgr=(104.0, 117.0, 123.0)) -> torch.Tensor:
+    """uint8 RGB NHWC -> float BGR NCHW minus the detector's mean: the detector's input tensor."""
+    bgr = batch.permute(0, 3, 1, 2).flip(1).float()
+    return bgr - torch.tensor(mean_bgr).view(1, 3, 1, 1)
+
+
+def _window_theta(n: int, size: int, jitter: bool, generator: torch.Generator | None) -> torch.Tensor:
+    """affine_grid thetas taking the size px window (centre of the stored crop) into the stored crop."""
+    start, side = ALIGN_WINDOW
+    half = side / NATIVE_CROP  # the window's half-extent in the stored crop's normalised coordinates
+    centre = (start + side / 2) / NATIVE_CROP * 2 - 1
+    scale = torch.full((n,), half)
+    angle = torch.zeros(n)
+    shift = torch.full((n, 2), centre)
+    if jitter:
+        scale = scale * torch.empty(n).uniform_(0.96, 1.04, generator=generator)
+        angle = torch.empty(n).uniform_(-5, 5, generator=generator) * (np.pi / 180)
+        shift = shift + torch.empty(n, 2).uniform_(-2, 2, generator=generator) * (2 / size) * half
+    cos, sin = torch.cos(angle) * scale, torch.sin(angle) * scale
+    return torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
+
+
+def aligned_batch(stored: torch.Tensor, size: int, augment: bool, generator: torch.Generator | None = None
+                  ) -> torch.Tensor:
+    """The head's input for stored uint8 crops: window (jittered when augmenting), degraded when augmenting."""
+    x = _to_input(stored)
+    n = len(x)
+    grid = F.affine_grid(_window_theta(n, size, augment, generator), [n, 3, size, size], align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    if not augment:
+        return x
+
+    def pick(p: float) -> torch.Tensor:
+        return torch.rand(n, generator=generator) < p
+
+    flip = pick(0.5)
+    x[flip] = x[flip].flip(3)
+    # brightness / contrast / saturation on the 0..255 scale
+    mean = torch.tensor([104.0, 117.0, 123.0]).view(1, 3, 1, 1)
+    img = x + mean
+    img = img * torch.empty(n, 1, 1, 1).uniform_(0.7, 1.3, generator=generator) \
+        + torch.empty(n, 1, 1, 1).uniform_(-30, 30, generator=generator)
+    grey = img.mean(1, keepdim=True)
+    img = grey + (img - grey) * torch.empty(n, 1, 1, 1).uniform_(0.6, 1.4, generator=generator)
+    avg = img.mean((1, 2, 3), keepdim=True)
+    img = avg + (img - avg) * torch.empty(n, 1, 1, 1).uniform_(0.75, 1.25, generator=generator)
+    # Gaussian blur (sigma 0.5..1.2) on some
+    blur = pick(0.25)
+    if blur.any():
+        sigma = float(torch.empty(1).uniform_(0.5, 1.2, generator=generator))
+        k = torch.exp(-torch.arange(-2, 3, dtype=torch.float32) ** 2 / (2 * sigma**2))
+        k = k / k.sum()
+        sub = img[blur]
+        sub = F.conv2d(F.pad(sub, (2, 2, 0, 0), mode="replicate"), k.view(1, 1, 1, 5).repeat(3, 1, 1, 1), groups=3)
+        sub = F.conv2d(F.pad(sub, (0, 0, 2, 2), mode="replicate"), k.view(1, 1, 5, 1).repeat(3, 1, 1, 1), groups=3)
+        img[blur] = sub
+    # bystander: face 16..40 px wide (the window is ~1.3 face widths) and back up
+    small = pick(0.4)
+    if small.any():
+        face = int(torch.randint(16, 41, (1,), generator=generator))
+        side = max(8, int(round(face * ALIGN_WINDOW[1] / (FACE_WIDTH_IN_CROP * NATIVE_CROP))))
+        sub = F.interpolate(img[small], size=(side, side), mode="area")
+        img[small] = F.interpolate(sub, size=(size, size), mode="bilinear", align_corners=False)
+    # additive noise standing in for JPEG on some
+    noisy = pick(0.3)
+    if noisy.any():
+        img[noisy] = img[noisy] + torch.randn(img[noisy].shape, generator=generator) * \
+            float(torch.empty(1).uniform_(2, 8, generator=generator))
+    return img.clamp(0, 255) - mean
+
+
+def predict_aligned(head, stored: np.ndarray, batch: int = 512) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """P(female), group probabilities, age for stored crops through the fixed window (flip averaged per head)."""
+    head.eval()
+    female, groups, years = [], [], []
+    with torch.inference_mode():
+        for first in range(0, len(stored), batch):
+            x = aligned_batch(torch.from_numpy(stored[first : first + batch]), head.size, False)
+            if head.flip:
+                n = len(x)
+                gender, group, bins = [(t[:n] + t[n:]) / 2 for t in head(torch.cat([x, x.flip(3)]))]
+            else:
+                gender, group, bins = head(x)
+            female.append(torch.softmax(gender, 1)[:, 1].numpy())
+            groups.append(torch.softmax(group, 1).numpy())
+            years.append(expected_age(bins).numpy())
+    return np.concatenate(female), np.concatenate(groups), np.concatenate(years)
+
+
+def run_aligned_training(zip_path: Path, out: Path, limit: int | None = None, eval_limit: int | None = None,
+                         epochs: int = 7, seed: int = 0, batch: int = 192, lr: float = 3e-3, command: str = "",
+                         log=print) -> dict:
+    """Train AlignedAttributeHead from scratch on every training face; evaluate native and 32 px; save."""
+    train, held_out = split_utkface(zip_path, limit, eval_limit, seed)
+    start = time.perf_counter()
+    crops = load_aligned_crops(zip_path, train)
+    held = {name: load_aligned_crops(zip_path, held_out, size) for name, size in EVAL_SIZES.items()}
+    read_seconds = time.perf_counter() - start
+    log(f"read {len(train)} training and {len(held_out)} held-out faces in {read_seconds:.1f} s")
+    ages = torch.from_numpy(np.array([s.age for s in train], dtype=np.int64))
+    genders = torch.from_numpy(np.array([s.gender for s in train], dtype=np.int64))
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    head = AlignedAttributeHead()
+    head.train()
+    optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=5e-4)
+    per_epoch = -(-len(train) // batch)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=max(1, epochs * per_epoch),
+                                                   pct_start=0.15)
+    stored = torch.from_numpy(crops)
+    losses, start = [], time.perf_counter()
+    for epoch in range(epochs):
+        order = torch.randperm(len(train), generator=generator)
+        total = 0.0
+        for first in range(0, len(train), batch):
+            idx = order[first : first + batch]
+            if len(idx) < 2:
+                continue
+            x = aligned_batch(stored[idx], head.size, True, generator)
+            loss = attribute_loss(head(x), ages[idx], genders[idx], sigma=3.0)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            total += float(loss.detach()) * len(idx)
+        losses.append(total / len(train))
+        log(f"epoch {epoch + 1}/{epochs}: loss {losses[-1]:.4f}, {time.perf_counter() - start:.0f} s")
+    train_seconds = time.perf_counter() - start
+    ages_held = np.array([s.age for s in held_out], dtype=np.int64)
+    genders_held = np.array([s.gender for s in held_out], dtype=np.int64)
+    report = {"variant": "aligned", "train_faces": len(train), "held_out_faces": len(held_out), "epochs": epochs,
+              "batch": batch, "read_seconds": round(read_seconds, 1), "train_seconds": round(train_seconds, 1),
+              "threads": torch.get_num_threads(), "loss_first_last": [round(losses[0], 4), round(losses[-1], 4)],
+              "aligned_head": {name: attribute_metrics(*predict_aligned(head, held[name]), ages_held, genders_held,
+                                                       len(held_out)) for name in EVAL_SIZES}}
+    save_head(head, out, {"data": "UTKFace (aligned & cropped), non-commercial research licence",
+                          "command": command, "held_out": {"split": "sha1(file name) % 10 == 0",
+                                                           "fixed_window": True, **report["aligned_head"]}})
+    report["weights"] = str(out)
+    return report
