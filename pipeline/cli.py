@@ -351,29 +351,28 @@ def cmd_train_attributes(args: argparse.Namespace) -> int:
     from pipeline.detect.train_attributes import run_aligned_training, run_training
 
     set_threads(args.threads)
-    if args.variant == "aligned":
-        command = (f"facechange train-attributes --variant aligned --utkface {args.utkface} --out {args.out} "
-                   f"--epochs {args.epochs} --batch {args.batch} --seed {args.seed}")
-        if args.limit:
-            command += f" --limit {args.limit}"
-        if args.eval_limit:
-            command += f" --eval-limit {args.eval_limit}"
-        report = run_aligned_training(Path(args.utkface), Path(args.out), limit=args.limit, eval_limit=args.eval_limit,
-                                      epochs=args.epochs, seed=args.seed, batch=args.batch, command=command,
-                                      log=lambda line: print(line, file=sys.stderr, flush=True))
-        print(json.dumps(report, indent=2))
-        return 0
-    detector = build_detector(DetectorConfig(attribute_weights=None), resolve_device(args.device), cache_dir())
-    feature_cache = Path(args.cache_dir) if args.cache_dir else cache_dir() / "attribute-features"
-    command = (f"facechange train-attributes --utkface {args.utkface} --out {args.out} --views {args.views} "
-               f"--epochs {args.epochs} --seed {args.seed}")
+    # The exact command goes into the weights manifest, so a result can be reproduced.
+    variant_options = (f"--variant aligned --utkface {args.utkface} --out {args.out} --epochs {args.epochs} "
+                       f"--batch {args.batch}" if args.variant == "aligned" else
+                       f"--utkface {args.utkface} --out {args.out} --views {args.views} --epochs {args.epochs}")
+    command = f"facechange train-attributes {variant_options} --seed {args.seed}"
     if args.limit:
         command += f" --limit {args.limit}"
     if args.eval_limit:
         command += f" --eval-limit {args.eval_limit}"
-    report = run_training(detector, Path(args.utkface), Path(args.out), feature_cache, views=args.views,
-                          limit=args.limit, eval_limit=args.eval_limit, epochs=args.epochs, seed=args.seed,
-                          command=command, log=lambda line: print(line, file=sys.stderr, flush=True))
+
+    def log(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    if args.variant == "aligned":
+        report = run_aligned_training(Path(args.utkface), Path(args.out), limit=args.limit, eval_limit=args.eval_limit,
+                                      epochs=args.epochs, seed=args.seed, batch=args.batch, command=command, log=log)
+    else:
+        detector = build_detector(DetectorConfig(attribute_weights=None), resolve_device(args.device), cache_dir())
+        feature_cache = Path(args.cache_dir) if args.cache_dir else cache_dir() / "attribute-features"
+        report = run_training(detector, Path(args.utkface), Path(args.out), feature_cache, views=args.views,
+                              limit=args.limit, eval_limit=args.eval_limit, epochs=args.epochs, seed=args.seed,
+                              command=command, log=log)
     print(json.dumps(report, indent=2))
     return 0
 
