@@ -12,7 +12,7 @@ import numpy as np
 
 from pipeline.detect import DetectorConfig, RetinaFaceDetector, build_detector
 from pipeline.generate import DEFAULT_GENERATOR, build_generator
-from pipeline.generate.matching import LatentAxes, SyntheticFaceSource, Target
+from pipeline.generate.matching import LatentAxes, SyntheticFace, SyntheticFaceSource, Target
 from pipeline.runtime import cache_dir, resolve_device, set_threads
 from pipeline.select import mark_kept, number_in_reading_order
 from pipeline.swap import SwapConfig, build_swapper
@@ -136,17 +136,59 @@ class Anonymizer:
             if face.keep:
                 face.replacement = None
                 protected = np.maximum(protected, (face_mask(face, shape, feather=0.0) > 0).astype(np.float32))
+        seeds = {id(face): face_seeds.get(face.number, face_seed(seed, face.number or 0)) for face in faces}
+        chosen = self._choose_synthetic([f for f in faces if not f.keep], seed, face_seeds) \
+            if mode == "synthetic" else {}
         # Smaller faces first: they are usually behind, and a larger face in front is pasted last.
         for face in sorted((f for f in faces if not f.keep), key=lambda f: f.size):
-            number = face.number if face.number is not None else 0
-            this_seed = face_seeds.get(number, face_seed(seed, number))
-            rng = np.random.default_rng(this_seed)
-            face.replacement = self._replace(out, face, 1.0 - protected, mode, this_seed, rng)
+            this_seed = seeds[id(face)]
+            face.replacement = self._replace(out, face, 1.0 - protected, mode, this_seed,
+                                             np.random.default_rng(this_seed), chosen.get(id(face)))
         return out
 
+    def _choose_synthetic(self, faces: list[Face], seed: int, face_seeds: dict[int, int]
+                          ) -> dict[int, SyntheticFace | str]:
+        """Each replaced face's synthetic face (by ``id(face)``), or why it gets none.
+
+        No synthetic person appears twice in a photo, and a re-roll changes only its own face:
+        every face first takes its pick for its default seed, in number order, avoiding the
+        picks before it; then each re-rolled face (``face_seeds``), in number order, takes a pick
+        for its new seed avoiding every default pick (its own included, so it does change) and
+        the re-rolls before it. A new re-roll thus never moves a face that was not re-rolled.
+        """
+        start = time.perf_counter()
+        targets, chosen = {}, {}
+        for face in sorted(faces, key=lambda f: f.number or 0):
+            target = Target(face.gender, face.age_group, *face.pose)
+            reason = self._why_not_synthetic(face, target)
+            if reason is None:
+                targets[id(face)] = (face, target)
+            else:
+                chosen[id(face)] = reason
+        taken: dict[str, set[int]] = defaultdict(set)
+        for key, (face, target) in targets.items():
+            pick = self.faces_source.choose(target, face_seed(seed, face.number or 0), taken[target.key])
+            if pick is not None:
+                taken[target.key].add(pick.index)
+            chosen[key] = pick
+        for key, (face, target) in targets.items():
+            if face.number in face_seeds:
+                pick = self.faces_source.choose(target, face_seeds[face.number], taken[target.key])
+                if pick is not None:
+                    taken[target.key].add(pick.index)
+                chosen[key] = pick
+        for key, pick in chosen.items():
+            if pick is None:
+                chosen[key] = "no generated face met the target"
+        self.times.add("generate", start)
+        return chosen
+
     def _replace(self, image: np.ndarray, face: Face, allowed: np.ndarray, mode: str, seed: int,
-                 rng: np.random.Generator) -> Replacement:
-        """Treat one face in place; ``allowed`` is 0 over kept faces, which must stay untouched."""
+                 rng: np.random.Generator, synthetic: SyntheticFace | str | None) -> Replacement:
+        """Treat one face in place; ``allowed`` is 0 over kept faces, which must stay untouched.
+
+        ``synthetic`` is the face's chosen synthetic face, or why it has none (synthetic mode).
+        """
         start = time.perf_counter()
         shape = image.shape[:2]
         mask = face_mask(face, shape) * allowed
@@ -154,22 +196,13 @@ class Anonymizer:
             pixelate_face(image, face, mask)
             self.times.add("swap", start)
             return Replacement("pixelate", seed=seed)
-        reason = None
-        if mode == "synthetic":
-            target = Target(face.gender, face.age_group, *face.pose)
-            reason = self._why_not_synthetic(face, target)
-            if reason is None:
-                synthetic = self.faces_source.generate(target, seed)
-                self.times.add("generate", start)
-                start = time.perf_counter()
-                if synthetic is not None:
-                    self.swapper.swap(image, face, synthetic.image, synthetic.landmarks, allowed, rng)
-                    self.times.add("swap", start)
-                    return Replacement("synthetic", seed=seed, latent=synthetic.latent.tolist())
-                reason = "no generated face met the target"
+        if isinstance(synthetic, SyntheticFace):
+            self.swapper.swap(image, face, synthetic.image, synthetic.landmarks, allowed, rng)
+            self.times.add("swap", start)
+            return Replacement("synthetic", seed=seed, latent=synthetic.latent.tolist())
         blur_face(image, face, mask, rng)
         self.times.add("swap", start)
-        return Replacement("blur", reason=reason, seed=seed)
+        return Replacement("blur", reason=synthetic, seed=seed)
 
     def _why_not_synthetic(self, face: Face, target: Target) -> str | None:
         if face.size < self.cfg.min_synthetic_size:

@@ -205,6 +205,17 @@ def cmd_bench_detect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_anonymize(args: argparse.Namespace) -> int:
+    from pipeline.eval.speed import crowd_photo, fit_long_side, run_anonymize_benchmark
+
+    image = fit_long_side(load_image(Path(args.photo)), args.long_side) if args.photo else \
+        crowd_photo(args.faces, args.long_side)
+    report = run_anonymize_benchmark(lambda: _anonymizer_from_args(args), image, repeats=args.repeats)
+    report["photo"] = args.photo or f"examples photo tiled {args.faces} times"
+    print(json.dumps(report, indent=2))
+    return 0
+
+
 def cmd_swap_aligned(args: argparse.Namespace) -> int:
     import numpy as np
 
@@ -236,11 +247,13 @@ def cmd_generate_matched(args: argparse.Namespace) -> int:
 
     anonymizer = Anonymizer(AnonymizerConfig(device=args.device, threads=args.threads))
     target = Target(args.gender, args.age_group)
-    tiles, records = [], []
+    tiles, records, taken = [], [], set()
     for i in range(args.count):
-        face = anonymizer.faces_source.generate(target, args.seed + i)
+        face = anonymizer.faces_source.choose(target, args.seed + i, taken)
+        if face is not None:
+            taken.add(face.index)
         records.append({"seed": args.seed + i, "made": face is not None,
-                        **({"gender": face.face.gender, "age_group": face.face.age_group,
+                        **({"gender": face.face.gender, "age_group": face.face.age_group, "pool_index": face.index,
                             "latent": [round(float(v), 5) for v in face.latent]} if face else {})})
         tiles.append(face.image if face else np.full((64, 64, 3), 127, np.uint8))
     columns = min(8, len(tiles))
@@ -268,8 +281,7 @@ def cmd_fit_latent_axes(args: argparse.Namespace) -> int:
         source.axes = LatentAxes(np.zeros(1), np.zeros(1), {}, {})
     else:
         source.axes = fit_latent_axes(source, args.samples, seed=args.seed)
-    report: dict = {"own_heads_capability": measure_capability(source, per_target=args.per_target,
-                                                               seed=args.seed + 1)}
+    report: dict = {"own_heads_capability": measure_capability(source)}
     source.axes.capability = report["own_heads_capability"]
     if args.judge_arcface:
         # Graded by an independent judge, not by the heads that steered and verified the faces.
@@ -284,7 +296,7 @@ def cmd_fit_latent_axes(args: argparse.Namespace) -> int:
 
         judge = fit_judge(Path(args.utkface), embedder, main_face_landmarks)
         report["judge_held_out"] = judge.held_out
-        judged = judged_capability(source, embedder, judge, per_target=args.per_target, seed=args.seed + 1)
+        judged = judged_capability(source, embedder, judge, per_target=args.per_target)
         report["judged_capability"] = judged
         # Both judges are imperfect (our heads are fooled by rendered faces, the probe is weak on
         # gender): a target counts only where our heads meet it and the probe confirmed some.
@@ -353,7 +365,8 @@ def cmd_train_attributes(args: argparse.Namespace) -> int:
     set_threads(args.threads)
     # The exact command goes into the weights manifest, so a result can be reproduced.
     variant_options = (f"--variant aligned --utkface {args.utkface} --out {args.out} --epochs {args.epochs} "
-                       f"--batch {args.batch}" if args.variant == "aligned" else
+                       f"--batch {args.batch} --head-size {args.head_size} --head-widths {args.head_widths}"
+                       if args.variant == "aligned" else
                        f"--utkface {args.utkface} --out {args.out} --views {args.views} --epochs {args.epochs}")
     command = f"facechange train-attributes {variant_options} --seed {args.seed}"
     if args.limit:
@@ -366,7 +379,9 @@ def cmd_train_attributes(args: argparse.Namespace) -> int:
 
     if args.variant == "aligned":
         report = run_aligned_training(Path(args.utkface), Path(args.out), limit=args.limit, eval_limit=args.eval_limit,
-                                      epochs=args.epochs, seed=args.seed, batch=args.batch, command=command, log=log)
+                                      epochs=args.epochs, seed=args.seed, batch=args.batch, head_size=args.head_size,
+                                      widths=tuple(int(w) for w in args.head_widths.split(",")),
+                                      device=resolve_device(args.device), command=command, log=log)
     else:
         detector = build_detector(DetectorConfig(attribute_weights=None), resolve_device(args.device), cache_dir())
         feature_cache = Path(args.cache_dir) if args.cache_dir else cache_dir() / "attribute-features"
@@ -461,6 +476,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_detector_options(bench, ANONYMIZE_THRESHOLD)
     bench.set_defaults(handler=cmd_bench_detect)
 
+    bench_anon = commands.add_parser(
+        "bench-anonymize", help="time to anonymize a 1024 px photo with 10 faces: synthetic vs blur and pixelate")
+    bench_anon.add_argument("--photo", metavar="IMAGE", help="default: the example photo tiled --faces times")
+    bench_anon.add_argument("--faces", type=int, default=10, help="faces in the tiled default photo")
+    bench_anon.add_argument("--long-side", type=int, default=1024, help="the photo is resized to this long side")
+    bench_anon.add_argument("--repeats", type=int, default=3)
+    _add_detector_options(bench_anon, ANONYMIZE_THRESHOLD)
+    _add_swap_options(bench_anon)
+    bench_anon.set_defaults(handler=cmd_bench_anonymize)
+
     swap_aligned = commands.add_parser(
         "swap-aligned", help="SimSwap on an aligned 224x224 target with an aligned source's identity")
     swap_aligned.add_argument("--simswap-checkpoint", required=True, metavar="latest_net_G.pth")
@@ -507,7 +532,7 @@ def build_parser() -> argparse.ArgumentParser:
     fit_axes = commands.add_parser("fit-latent-axes",
                                    help="TL-GAN: fit the default generator's gender/age axes with our heads")
     fit_axes.add_argument("--samples", type=int, default=2000)
-    fit_axes.add_argument("--per-target", type=int, default=12, help="faces per target to measure capability")
+    fit_axes.add_argument("--per-target", type=int, default=12, help="pool faces per target the independent judge grades")
     fit_axes.add_argument("--seed", type=int, default=0)
     fit_axes.add_argument("--generator", default="dcgan", help="dcgan, an official .pkl or a trained .pt")
     fit_axes.add_argument("--out", metavar="FILE.json",
@@ -527,6 +552,9 @@ def build_parser() -> argparse.ArgumentParser:
                                        "roi: RoIAlign over the frozen backbone maps")
     train_attributes.add_argument("--views", type=int, default=2, help="roi variant: augmented views per face")
     train_attributes.add_argument("--batch", type=int, default=192, help="aligned variant: batch size")
+    train_attributes.add_argument("--head-size", type=int, default=64, help="aligned variant: crop side the CNN reads")
+    train_attributes.add_argument("--head-widths", default="32,64,128,192",
+                                  help="aligned variant: channels of the CNN's stages, comma-separated")
     train_attributes.add_argument("--limit", type=int, default=None, help="train on N faces (held-out stays whole)")
     train_attributes.add_argument("--eval-limit", type=int, default=None, help="evaluate on the first N held-out")
     train_attributes.add_argument("--epochs", type=int, default=7, help="7 for aligned; the roi variant used 30")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import numpy as np
@@ -52,6 +53,37 @@ def test_same_seed_same_output_and_a_reroll_changes_one_face(anonymizer, two_peo
     x1, y1, x2, y2 = faces[1].box.astype(int)
     assert diff[y1:y2, x1:x2].mean() > 0.2
     assert faces[0].replacement.seed == seeds[1]
+
+
+def test_no_synthetic_person_twice_and_a_reroll_moves_only_its_face(anonymizer, two_people):
+    """Six bystanders of one target get six different people; re-rolls leave the others alone."""
+    from pipeline.generate.matching import Target
+    from pipeline.types import AGE_GROUPS, GENDERS
+
+    reachable = [(g, a) for g in GENDERS for a in AGE_GROUPS if anonymizer.faces_source.can_make(Target(g, a))]
+    assert reachable, "the default generator declares no reachable target"
+    gender, age_group = reachable[0]
+    template = anonymizer.detect(two_people)[0]
+    crowd = []
+    for number in range(1, 7):
+        face = copy.deepcopy(template)
+        face.number, face.gender, face.age_group = number, gender, age_group
+        crowd.append(face)
+
+    def people(face_seeds):
+        faces = copy.deepcopy(crowd)
+        anonymizer.anonymize(two_people, faces, keep=set(), seed=3, face_seeds=face_seeds)
+        assert all(f.replacement.treatment == "synthetic" for f in faces)
+        return [tuple(f.replacement.latent) for f in faces]
+
+    first = people({})
+    assert len(set(first)) == 6
+    once = people({2: 99})
+    assert once[1] != first[1] and once[:1] + once[2:] == first[:1] + first[2:]
+    twice = people({2: 99, 5: 7})
+    assert twice[1] == once[1] and twice[4] != first[4]
+    assert [twice[i] for i in (0, 2, 3, 5)] == [first[i] for i in (0, 2, 3, 5)]
+    assert len(set(twice)) == 6
 
 
 def test_cli_contract_metadata_and_orientation(tmp_path, astronaut, monkeypatch, model_cache):
@@ -162,3 +194,14 @@ def test_a_trained_conditional_generator_plugs_in_and_is_not_trusted_unmeasured(
     anonymizer.anonymize(two_people, faces, keep=set(), mode="synthetic")
     assert all(f.replacement.treatment == "blur" for f in faces)
     assert all("cannot make" in f.replacement.reason for f in faces)
+
+
+def test_bench_anonymize_reports_every_mode(capsys, model_cache, monkeypatch):
+    monkeypatch.setenv("FACECHANGE_CACHE_DIR", str(model_cache))
+    assert cli.main(["bench-anonymize", "--faces", "4", "--long-side", "768", "--repeats", "1"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["faces"] == 4 and (report["width"], report["height"]) == (768, 768)
+    assert set(report["modes"]) == {"synthetic", "blur", "pixelate"}
+    assert all(mode["seconds"] > 0 for mode in report["modes"].values())
+    assert report["modes"]["blur"]["treatments"] == ["blur"]
+    assert "detect" in report["modes"]["synthetic"]["last_run_stage_seconds"]

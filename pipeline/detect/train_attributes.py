@@ -386,16 +386,19 @@ def evaluate_attributes(detector: RetinaFaceDetector, zip_path: Path, face_px: i
 # fixed window ALIGN_WINDOW of every crop (no per-image detection); at inference the face's own
 # landmarks are mapped onto the mean landmarks of that window.
 
-STORE_SIZE = 80  # crops are kept as uint8 80 x 80 of the whole 200 px crop: the 64 px window plus context
+def store_size(head_size: int) -> int:
+    """Side at which whole 200 px crops are kept so that the alignment window is head_size px (80 for 64)."""
+    return int(round(head_size * NATIVE_CROP / ALIGN_WINDOW[1]))
 
 
-def load_aligned_crops(zip_path: Path, samples: list[Sample], face_px: int | None = None) -> np.ndarray:
-    """(N, STORE_SIZE, STORE_SIZE, 3) uint8 RGB: each crop resized (area) to STORE_SIZE.
+def load_aligned_crops(zip_path: Path, samples: list[Sample], face_px: int | None = None,
+                       store: int = store_size(64)) -> np.ndarray:
+    """(N, store, store, 3) uint8 RGB: each crop resized (area) to store x store.
 
     With ``face_px`` the crop is first shrunk so its face is ``face_px`` wide, then scaled back
     up (bilinear): what a small face in a photo looks like once the head samples it.
     """
-    out = np.empty((len(samples), STORE_SIZE, STORE_SIZE, 3), np.uint8)
+    out = np.empty((len(samples), store, store, 3), np.uint8)
     with zipfile.ZipFile(zip_path) as archive:
         for i, sample in enumerate(samples):
             crop = cv2.imdecode(np.frombuffer(archive.read(sample.member), np.uint8), cv2.IMREAD_COLOR)[:, :, ::-1]
@@ -404,7 +407,7 @@ def load_aligned_crops(zip_path: Path, samples: list[Sample], face_px: int | Non
                 side = int(round(face_px / FACE_WIDTH_IN_CROP))
                 small = cv2.resize(crop, (side, side), interpolation=cv2.INTER_AREA)
                 crop = cv2.resize(small, (NATIVE_CROP, NATIVE_CROP), interpolation=cv2.INTER_LINEAR)
-            out[i] = cv2.resize(crop, (STORE_SIZE, STORE_SIZE), interpolation=cv2.INTER_AREA)
+            out[i] = cv2.resize(crop, (store, store), interpolation=cv2.INTER_AREA)
     return out
 
 
@@ -482,36 +485,43 @@ def aligned_batch(stored: torch.Tensor, size: int, augment: bool, generator: tor
 def predict_aligned(head, stored: np.ndarray, batch: int = 512) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """P(female), group probabilities, age for stored crops through the fixed window (flip averaged per head)."""
     head.eval()
+    device = next(head.parameters()).device
     female, groups, years = [], [], []
     with torch.inference_mode():
         for first in range(0, len(stored), batch):
-            x = aligned_batch(torch.from_numpy(stored[first : first + batch]), head.size, False)
+            x = aligned_batch(torch.from_numpy(stored[first : first + batch]), head.size, False).to(device)
             if head.flip:
                 n = len(x)
                 gender, group, bins = [(t[:n] + t[n:]) / 2 for t in head(torch.cat([x, x.flip(3)]))]
             else:
                 gender, group, bins = head(x)
-            female.append(torch.softmax(gender, 1)[:, 1].numpy())
-            groups.append(torch.softmax(group, 1).numpy())
-            years.append(expected_age(bins).numpy())
+            female.append(torch.softmax(gender, 1)[:, 1].cpu().numpy())
+            groups.append(torch.softmax(group, 1).cpu().numpy())
+            years.append(expected_age(bins).cpu().numpy())
     return np.concatenate(female), np.concatenate(groups), np.concatenate(years)
 
 
 def run_aligned_training(zip_path: Path, out: Path, limit: int | None = None, eval_limit: int | None = None,
-                         epochs: int = 7, seed: int = 0, batch: int = 192, lr: float = 3e-3, command: str = "",
-                         log=print) -> dict:
-    """Train AlignedAttributeHead from scratch on every training face; evaluate native and 32 px; save."""
+                         epochs: int = 7, seed: int = 0, batch: int = 192, lr: float = 3e-3, head_size: int = 64,
+                         widths: tuple[int, ...] = (32, 64, 128, 192), device: torch.device = torch.device("cpu"),
+                         command: str = "", log=print) -> dict:
+    """Train AlignedAttributeHead from scratch on every training face; evaluate native and 32 px; save.
+
+    Batches are cropped and degraded on the CPU (seeded, so the same command gives the same
+    faces on any device) and the CNN runs on ``device``.
+    """
     train, held_out = split_utkface(zip_path, limit, eval_limit, seed)
     start = time.perf_counter()
-    crops = load_aligned_crops(zip_path, train)
-    held = {name: load_aligned_crops(zip_path, held_out, size) for name, size in EVAL_SIZES.items()}
+    store = store_size(head_size)
+    crops = load_aligned_crops(zip_path, train, store=store)
+    held = {name: load_aligned_crops(zip_path, held_out, size, store) for name, size in EVAL_SIZES.items()}
     read_seconds = time.perf_counter() - start
     log(f"read {len(train)} training and {len(held_out)} held-out faces in {read_seconds:.1f} s")
     ages = torch.from_numpy(np.array([s.age for s in train], dtype=np.int64))
     genders = torch.from_numpy(np.array([s.gender for s in train], dtype=np.int64))
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
-    head = AlignedAttributeHead()
+    head = AlignedAttributeHead(size=head_size, widths=widths).to(device)
     head.train()
     optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=5e-4)
     per_epoch = -(-len(train) // batch)
@@ -526,8 +536,8 @@ def run_aligned_training(zip_path: Path, out: Path, limit: int | None = None, ev
             idx = order[first : first + batch]
             if len(idx) < 2:
                 continue
-            x = aligned_batch(stored[idx], head.size, True, generator)
-            loss = attribute_loss(head(x), ages[idx], genders[idx], sigma=3.0)
+            x = aligned_batch(stored[idx], head.size, True, generator).to(device)
+            loss = attribute_loss(head(x), ages[idx].to(device), genders[idx].to(device), sigma=3.0)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -539,10 +549,11 @@ def run_aligned_training(zip_path: Path, out: Path, limit: int | None = None, ev
     ages_held = np.array([s.age for s in held_out], dtype=np.int64)
     genders_held = np.array([s.gender for s in held_out], dtype=np.int64)
     report = {"variant": "aligned", "train_faces": len(train), "held_out_faces": len(held_out), "epochs": epochs,
-              "batch": batch, "read_seconds": round(read_seconds, 1), "train_seconds": round(train_seconds, 1),
+              "batch": batch, "head": head.config, "device": str(device), "read_seconds": round(read_seconds, 1), "train_seconds": round(train_seconds, 1),
               "threads": torch.get_num_threads(), "loss_first_last": [round(losses[0], 4), round(losses[-1], 4)],
               "aligned_head": {name: attribute_metrics(*predict_aligned(head, held[name]), ages_held, genders_held,
                                                        len(held_out)) for name in EVAL_SIZES}}
+    head.cpu()
     save_head(head, out, {"data": "UTKFace (aligned & cropped), non-commercial research licence",
                           "command": command, "held_out": {"split": "sha1(file name) % 10 == 0",
                                                            "fixed_window": True, **report["aligned_head"]}})

@@ -52,7 +52,7 @@ def evaluate_anonymization(anonymizer: Anonymizer, embedder: IdentityEmbedder, t
                            modes: tuple[str, ...] = TREATMENTS, seed: int = 0) -> dict:
     totals = {mode: {"faces": 0, "reidentified": 0, "detected": 0, "gender_kept": 0, "gender_known": 0,
                      "age_group_kept": 0, "age_known": 0, "similarity": 0.0, "seconds": 0.0,
-                     "replaced_faces": 0, "treatments": {}, "stage_seconds": {}} for mode in modes}
+                     "replaced_faces": 0, "treatments": {}, "stage_seconds": {}, "by_treatment": {}} for mode in modes}
     per_photo = []
     if sheets_dir:
         sheets_dir.mkdir(parents=True, exist_ok=True)
@@ -61,7 +61,8 @@ def evaluate_anonymization(anonymizer: Anonymizer, embedder: IdentityEmbedder, t
         start = time.perf_counter()
         faces = anonymizer.detect(image)
         detect_seconds = time.perf_counter() - start
-        measured = [f for f in faces if f.size >= min_face]
+        measured_at = [i for i, f in enumerate(faces) if f.size >= min_face]
+        measured = [faces[i] for i in measured_at]
         original_embeddings = embedder.embed(image, [f.landmarks for f in measured])
         results = {}
         photo_record = {"image": str(path), "faces": len(faces), "measured_faces": len(measured)}
@@ -90,10 +91,16 @@ def evaluate_anonymization(anonymizer: Anonymizer, embedder: IdentityEmbedder, t
             total["faces"] += len(measured)
             total["reidentified"] += int((similarity > threshold).sum())
             total["similarity"] += float(similarity.sum())
-            for face in measured:
+            for face, index, sim in zip(measured, measured_at, similarity):
+                # synthetic mode mixes synthetic faces and blur fallbacks: report each on its own
+                by_kind = total["by_treatment"].setdefault(mode_faces[index].replacement.treatment,
+                                                           {"faces": 0, "reidentified": 0, "detected": 0})
+                by_kind["faces"] += 1
+                by_kind["reidentified"] += int(sim > threshold)
                 found = _match(face, redetected)
                 if found is None:
                     continue
+                by_kind["detected"] += 1
                 total["detected"] += 1
                 if face.gender is not None and found.gender is not None:
                     total["gender_known"] += 1
@@ -121,6 +128,9 @@ def _summary(total: dict, photos: int) -> dict:
         "gender_kept": _rate(total["gender_kept"], total["gender_known"]),
         "age_group_kept": _rate(total["age_group_kept"], total["age_known"]),
         "treatments": total["treatments"],
+        "by_treatment": {kind: {"faces_measured": v["faces"], "reidentification": _rate(v["reidentified"], v["faces"]),
+                                "detection_retention": _rate(v["detected"], v["faces"])}
+                         for kind, v in total["by_treatment"].items()},
         "seconds_per_photo": round(total["seconds"] / max(photos, 1), 3),
         "seconds_per_face": round(total["seconds"] / max(total["replaced_faces"], 1), 4),
         "stage_seconds_per_photo": {k: round(v / max(photos, 1), 3) for k, v in total["stage_seconds"].items()},

@@ -65,14 +65,18 @@ def evaluate_generator(source: SyntheticFaceSource, embedder: IdentityEmbedder, 
     for gender in GENDERS:
         for group in AGE_GROUPS:
             target = Target(gender, group)
-            made = [source.generate(target, seed + 1000 + i) for i in range(per_target)]
-            faces = [m for m in made if m is not None]
+            pool = source.pool(target)
+            faces = pool.faces[:per_target]
             emb = embedder.embed_aligned([]) if not faces else np.concatenate(
                 [embedder.embed(m.image, [m.landmarks]) for m in faces])
             all_embeddings.append(emb)
             report["targets"][target.key] = {
-                "hit_rate": round(len(faces) / per_target, 4),
+                # latents steered to the target that our heads then judged on target
+                "hit_rate": round(pool.hit_rate, 4),
+                "steered_samples": pool.draws,
+                "steered_detection_rate": round(pool.detected / pool.draws, 4) if pool.draws else None,
                 "declared_reachable": source.can_make(target),
+                "faces_measured": len(faces),
                 "mean_detection_score": round(float(np.mean([m.face.score for m in faces])), 4) if faces else None,
                 "mean_pairwise_identity_similarity": mean_pairwise_similarity(emb),
             }

@@ -91,17 +91,17 @@ def fit_judge(zip_path: Path, embedder: IdentityEmbedder, detect_landmarks, trai
     return judge
 
 
-def judged_capability(source, embedder: IdentityEmbedder, judge: EmbeddingJudge, per_target: int = 16,
-                      seed: int = 0) -> dict[str, float]:
-    """Share of faces made for each target that the independent judge agrees with."""
+def judged_capability(source, embedder: IdentityEmbedder, judge: EmbeddingJudge, per_target: int = 16
+                      ) -> dict[str, float]:
+    """Share of the first ``per_target`` pool faces of each target that the independent judge agrees
+    with (a pool with fewer faces counts the missing ones as misses)."""
     from pipeline.generate.matching import Target
 
     rates = {}
     for gender in GENDERS:
         for group in AGE_GROUPS:
             target = Target(gender, group)
-            made = [source.generate(target, seed + i) for i in range(per_target)]
-            faces = [m for m in made if m is not None]
+            faces = source.pool(target).faces[:per_target]
             if not faces:
                 rates[target.key] = 0.0
                 continue

