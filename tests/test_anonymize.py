@@ -205,3 +205,26 @@ def test_bench_anonymize_reports_every_mode(capsys, model_cache, monkeypatch):
     assert all(mode["seconds"] > 0 for mode in report["modes"].values())
     assert report["modes"]["blur"]["treatments"] == ["blur"]
     assert "detect" in report["modes"]["synthetic"]["last_run_stage_seconds"]
+
+
+def test_eval_anonymize_measures_treatments_sizes_and_the_erased_floor(anonymizer, tmp_path):
+    from conftest import shared_path
+
+    from pipeline.eval.anonymization import evaluate_anonymization
+    from pipeline.eval.identity import IdentityEmbedder
+
+    photo = shared_path("data/photos/insightface_t1.jpg")
+    embedder = IdentityEmbedder(shared_path("models/arcface_mobilefacenet.onnx"))
+    report = evaluate_anonymization(anonymizer, embedder, 0.3369, [photo], tmp_path / "sheets",
+                                    modes=("synthetic", "pixelate"))
+    assert (tmp_path / "sheets" / "insightface_t1.sheet.jpg").is_file()
+    control = report["erased_face_control"]
+    assert control["faces_measured"] == 6
+    for mode in report["modes"].values():
+        assert mode["faces_measured"] == 6
+        assert sum(v["faces_measured"] for v in mode["by_treatment"].values()) == 6
+        assert sum(v["faces_measured"] for v in mode["by_size"].values()) == 6
+        assert 0.0 <= mode["reidentification"] <= 1.0
+    # a face left untouched would match itself: every treatment must do far better than that
+    assert report["modes"]["pixelate"]["mean_identity_similarity"] < 0.5
+    assert control["mean_identity_similarity"] < 0.5
