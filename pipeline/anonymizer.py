@@ -179,7 +179,9 @@ class Anonymizer:
                 chosen[key] = pick
         for key, pick in chosen.items():
             if pick is None:
-                chosen[key] = "no generated face met the target"
+                face, target = targets[key]
+                chosen[key] = "no synthetic face in this pose" if self.faces_source.pool(target).faces \
+                    else "no generated face met the target"
         self.times.add("generate", start)
         return chosen
 

@@ -25,6 +25,14 @@ AGE_GROUP_CENTERS = {"0-9": 5.0, "10-29": 22.0, "30-59": 42.0, "60+": 70.0}
 # heads: where hits are rarer, those few are more likely the heads' mistakes than the target.
 REACHABLE_HIT_RATE = 0.5
 
+# What a pool accepts (see Target.clearly_met_by), and how far in pose a chosen face may be from
+# the face it replaces (yaw + pitch / 2, see _pose_distance): beyond it a frontal face pasted on a
+# turned head shows two sets of eyes, so the face is blurred instead.
+POOL_MIN_GENDER_PROB = 0.8
+POOL_MIN_AGE_GROUP_PROB = 0.5
+POOL_MAX_YAW = 0.5
+POSE_TOLERANCE = 0.15
+
 # Labels generated faces with the detector and its heads: one Face (or None) per image.
 FaceAnalyzer = Callable[[list[np.ndarray]], list[Face | None]]
 
@@ -44,6 +52,20 @@ class Target:
         return (self.gender is None or face.gender == self.gender) and (
             self.age_group is None or face.age_group == self.age_group
         )
+
+    def clearly_met_by(self, face: Face) -> bool:
+        """Met with confidence, by a face that can be aligned: what a pool accepts.
+
+        Borderline calls of our heads on generated faces are where they are most often wrong
+        (a face judged 55% male often does not look male), and extreme landmark configurations
+        are broken faces rather than profiles.
+        """
+        if not self.met_by(face) or abs(face.pose[0]) > POOL_MAX_YAW:
+            return False
+        if self.gender is not None and face.gender_prob is not None and face.gender_prob < POOL_MIN_GENDER_PROB:
+            return False
+        return self.age_group is None or face.age_group_probs is None or \
+            face.age_group_probs[AGE_GROUPS.index(self.age_group)] >= POOL_MIN_AGE_GROUP_PROB
 
 
 @dataclass
@@ -230,7 +252,7 @@ class SyntheticFaceSource:
                 images = self.sample(z, target)
                 for latent, image, face in zip(z, images, self.analyzer(images)):
                     detected += face is not None
-                    if face is None or not target.met_by(face):
+                    if face is None or not target.clearly_met_by(face):
                         continue
                     met += 1
                     if len(hits) < self.pool_size:
@@ -243,18 +265,28 @@ class SyntheticFaceSource:
         """A pool face for this seed: among a few seeded picks not ``taken``, the closest in pose.
 
         The picks depend only on the seed (and on ``taken``), so a face can be re-rolled alone.
-        Every pool face is also offered mirrored, which flips its yaw. None when the pool is empty.
+        Every pool face is also offered mirrored, which flips its yaw. When no pick is within
+        POSE_TOLERANCE of the target's pose, the whole pool is searched; None when nothing in it
+        is (or the pool is empty).
         """
         members = self.pool(target).faces
         if not members:
             return None
         order = np.random.RandomState(seed).permutation(len(members))
         free = [i for i in order if i not in taken] or list(order)  # a pool used up is reused
-        picks = [members[i] for i in free[:self.choices]]
         if target.yaw is None:
-            return picks[0]
-        offered = picks + [mirror(face) for face in picks]
-        return min(offered, key=lambda c: _pose_distance(c.face.pose, (target.yaw, target.pitch or 0.0)))
+            return members[free[0]]
+        pose = (target.yaw, target.pitch or 0.0)
+
+        def closest(indices: list[int]) -> tuple[float, SyntheticFace]:
+            offered = [members[i] for i in indices] + [mirror(members[i]) for i in indices]
+            best = min(offered, key=lambda c: _pose_distance(c.face.pose, pose))
+            return _pose_distance(best.face.pose, pose), best
+
+        distance, best = closest(free[:self.choices])
+        if distance > POSE_TOLERANCE:
+            distance, best = closest(free)
+        return best if distance <= POSE_TOLERANCE else None
 
 
 @dataclass

@@ -64,8 +64,13 @@ def inner_face_mask(face: Face, shape: tuple[int, int], feather: float = 0.18) -
     eye_distance = float(np.linalg.norm(right_eye - left_eye))
     down = mouth - eyes
     eye_to_mouth = max(float(np.linalg.norm(down)), 1.0)
-    center = eyes + 0.42 * down
-    axes = (max(1.0, 1.0 * max(eye_distance, 0.7 * eye_to_mouth)), 1.25 * eye_to_mouth)
+    # A turned head shows less of its far side: the ellipse narrows and moves away from the nose,
+    # so it stops at the far cheek's contour instead of reaching over it into the background.
+    yaw = face.pose[0]
+    across = (right_eye - left_eye) / max(eye_distance, 1e-3)
+    center = eyes + 0.42 * down - 0.5 * yaw * eye_distance * across
+    half_width = max(1.0, max(eye_distance, 0.7 * eye_to_mouth) * (1.0 - 0.5 * min(abs(yaw), 0.6)))
+    axes = (half_width, 1.25 * eye_to_mouth)
     angle = float(np.degrees(np.arctan2(down[1], down[0]))) - 90.0
     mask = np.zeros((height, width), np.float32)
     scale = 16
