@@ -29,14 +29,14 @@ from telegram.ext import (AIORateLimiter, Application, ApplicationHandlerStop, C
 from bot import keyboards
 from bot.config import BotConfig
 from bot.keyboards import Action
-from bot.messages import COMMANDS, language, mode_name, text
+from bot.messages import COMMANDS, fallback_text, language, mode_name, text
 from bot.store import Session, SessionStore, new_seed
 from bot.worker import KeyedLocks, QueueFull, Worker
 from pipeline.anonymizer import Anonymizer
 from pipeline.image_io import ImageError, encode_image, load_image
 from pipeline.render import draw_numbered_faces
 from pipeline.select import mark_kept
-from pipeline.types import Face
+from pipeline.types import Face, Fallback
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -87,12 +87,12 @@ def preview_caption(session: Session) -> str:
 def result_caption(session: Session, faces: list[Face]) -> str:
     lang = session.lang
     lines = [text(lang, "result", replaced=sum(not f.keep for f in faces), mode=mode_name(lang, session.mode))]
-    fallbacks: dict[str, list[str]] = defaultdict(list)
+    fallbacks: dict[Fallback, list[str]] = defaultdict(list)
     for face in faces:
-        if face.replacement and face.replacement.reason:
-            fallbacks[face.replacement.reason].append(str(face.number))
-    lines += [text(lang, "fallback", numbers=", ".join(numbers), reason=reason)
-              for reason, numbers in fallbacks.items()]
+        if face.replacement and face.replacement.fallback:
+            fallbacks[face.replacement.fallback].append(str(face.number))
+    lines += [text(lang, "fallback", numbers=", ".join(numbers), reason=fallback_text(lang, fallback))
+              for fallback, numbers in fallbacks.items()]
     return _truncate("\n".join(lines))
 
 

@@ -37,6 +37,13 @@ TEXTS: Final[dict[str, dict[str, str]]] = {
         "preview_page": "Page {page} of {pages}.",
         "result": "Done: {replaced} face(s) replaced ({mode}). The file below is the full-resolution copy.",
         "fallback": "Face {numbers}: blurred instead ({reason}).",
+        "reason_too_small": "face under {size:g} px",
+        "reason_profile": "profile face",
+        "reason_unreachable": "no synthetic {gender} faces aged {age_group} yet",
+        "reason_pose": "no synthetic face in this pose",
+        "reason_no_match": "no generated face matched",
+        "gender_male": "male",
+        "gender_female": "female",
         "done_preview": "Anonymized. Use the buttons under the result to re-roll a face or start over.",
         "keep_all": "Keep all",
         "replace_all": "Replace all",
@@ -89,6 +96,13 @@ TEXTS: Final[dict[str, dict[str, str]]] = {
         "preview_page": "{pages}쪽 중 {page}쪽.",
         "result": "완료: 얼굴 {replaced}개를 바꿨습니다({mode}). 아래 파일은 원본 해상도입니다.",
         "fallback": "얼굴 {numbers}: 대신 흐리게 처리했습니다({reason}).",
+        "reason_too_small": "{size:g}px보다 작은 얼굴",
+        "reason_profile": "옆모습 얼굴",
+        "reason_unreachable": "{age_group}세 {gender} 합성 얼굴은 아직 만들 수 없음",
+        "reason_pose": "이 방향의 합성 얼굴 없음",
+        "reason_no_match": "조건에 맞는 합성 얼굴 없음",
+        "gender_male": "남성",
+        "gender_female": "여성",
         "done_preview": "익명화했습니다. 결과 아래 버튼으로 얼굴을 다시 만들거나 처음부터 할 수 있습니다.",
         "keep_all": "모두 남기기",
         "replace_all": "모두 바꾸기",
@@ -120,6 +134,14 @@ def language(code: str | None) -> str:
 
 def text(lang: str, key: str, **values: object) -> str:
     return TEXTS[lang][key].format(**values)
+
+
+def fallback_text(lang: str, fallback) -> str:
+    """Why a face was blurred, in the user's language (``fallback``: a pipeline.types.Fallback)."""
+    values = dict(fallback.values)
+    if "gender" in values:
+        values["gender"] = TEXTS[lang][f"gender_{values['gender']}"]
+    return text(lang, f"reason_{fallback.code}", **values)
 
 
 def mode_name(lang: str, mode: str) -> str:

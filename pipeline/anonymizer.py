@@ -18,7 +18,7 @@ from pipeline.select import mark_kept, number_in_reading_order
 from pipeline.swap import SwapConfig, build_swapper
 from pipeline.swap.masks import face_mask
 from pipeline.swap.obscure import blur_face, pixelate_face
-from pipeline.types import TREATMENTS, Face, Replacement
+from pipeline.types import TREATMENTS, Face, Fallback, Replacement
 
 WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
 DEFAULT_LATENT_AXES = WEIGHTS_DIR / "dcgan_latent_axes.json"
@@ -147,7 +147,7 @@ class Anonymizer:
         return out
 
     def _choose_synthetic(self, faces: list[Face], seed: int, face_seeds: dict[int, int]
-                          ) -> dict[int, SyntheticFace | str]:
+                          ) -> dict[int, SyntheticFace | Fallback]:
         """Each replaced face's synthetic face (by ``id(face)``), or why it gets none.
 
         No synthetic person appears twice in a photo, and a re-roll changes only its own face:
@@ -180,13 +180,12 @@ class Anonymizer:
         for key, pick in chosen.items():
             if pick is None:
                 face, target = targets[key]
-                chosen[key] = "no synthetic face in this pose" if self.faces_source.pool(target).faces \
-                    else "no generated face met the target"
+                chosen[key] = Fallback("pose") if self.faces_source.pool(target).faces else Fallback("no_match")
         self.times.add("generate", start)
         return chosen
 
     def _replace(self, image: np.ndarray, face: Face, allowed: np.ndarray, mode: str, seed: int,
-                 rng: np.random.Generator, synthetic: SyntheticFace | str | None) -> Replacement:
+                 rng: np.random.Generator, synthetic: SyntheticFace | Fallback | None) -> Replacement:
         """Treat one face in place; ``allowed`` is 0 over kept faces, which must stay untouched.
 
         ``synthetic`` is the face's chosen synthetic face, or why it has none (synthetic mode).
@@ -204,13 +203,13 @@ class Anonymizer:
             return Replacement("synthetic", seed=seed, latent=synthetic.latent.tolist())
         blur_face(image, face, mask, rng)
         self.times.add("swap", start)
-        return Replacement("blur", reason=synthetic, seed=seed)
+        return Replacement("blur", fallback=synthetic, seed=seed)
 
-    def _why_not_synthetic(self, face: Face, target: Target) -> str | None:
+    def _why_not_synthetic(self, face: Face, target: Target) -> Fallback | None:
         if face.size < self.cfg.min_synthetic_size:
-            return f"face under {self.cfg.min_synthetic_size:g} px"
+            return Fallback("too_small", (("size", self.cfg.min_synthetic_size),))
         if abs(target.yaw or 0.0) > self.cfg.max_yaw:
-            return "profile face"
+            return Fallback("profile")
         if not self.faces_source.can_make(target):
-            return f"the generator cannot make {target.gender} {target.age_group} faces"
+            return Fallback("unreachable", (("gender", target.gender), ("age_group", target.age_group)))
         return None

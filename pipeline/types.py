@@ -18,19 +18,41 @@ GENDERS: tuple[str, ...] = ("male", "female")
 TREATMENTS: tuple[str, ...] = ("synthetic", "blur", "pixelate")
 
 
+# Why a face got the blur instead of a synthetic face: code -> English text (front ends translate
+# by code; the text is what the CLI's JSON reports as "fallback_reason").
+FALLBACK_REASONS: dict[str, str] = {
+    "too_small": "face under {size:g} px",
+    "profile": "profile face",
+    "unreachable": "the generator cannot make {gender} {age_group} faces",
+    "pose": "no synthetic face in this pose",
+    "no_match": "no generated face met the target",
+}
+
+
+@dataclass(frozen=True)
+class Fallback:
+    code: str  # a key of FALLBACK_REASONS
+    values: tuple[tuple[str, Any], ...] = ()  # what its text mentions
+
+    @property
+    def text(self) -> str:
+        return FALLBACK_REASONS[self.code].format(**dict(self.values))
+
+
 @dataclass
 class Replacement:
     """What the anonymizer did to one face that was not kept."""
 
     treatment: str  # one of TREATMENTS: what was actually applied
-    reason: str | None = None  # why it differs from the requested mode (a fallback), if it does
+    fallback: Fallback | None = None  # why it differs from the requested mode, if it does
     seed: int | None = None  # the per-face seed: re-rolling one face means changing only this
     latent: list[float] | None = None  # the generator latent the synthetic face came from
 
     def to_json(self) -> dict[str, Any]:
         record: dict[str, Any] = {"treatment": self.treatment}
-        if self.reason:
-            record["fallback_reason"] = self.reason
+        if self.fallback:
+            record["fallback_reason"] = self.fallback.text
+            record["fallback_code"] = self.fallback.code
         if self.seed is not None:
             record["seed"] = self.seed
         if self.latent is not None:

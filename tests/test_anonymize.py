@@ -193,7 +193,8 @@ def test_a_trained_conditional_generator_plugs_in_and_is_not_trusted_unmeasured(
     faces = anonymizer.detect(two_people)
     anonymizer.anonymize(two_people, faces, keep=set(), mode="synthetic")
     assert all(f.replacement.treatment == "blur" for f in faces)
-    assert all("cannot make" in f.replacement.reason for f in faces)
+    assert all(f.replacement.fallback.code == "unreachable" for f in faces)
+    assert all("cannot make" in f.replacement.to_json()["fallback_reason"] for f in faces)
 
 
 def test_bench_anonymize_reports_every_mode(capsys, model_cache, monkeypatch):

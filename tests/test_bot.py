@@ -414,3 +414,23 @@ async def test_webhook_mode_registers_and_checks_its_secret(fake, anonymizer, tm
         assert await asyncio.to_thread(_post, url, update, webhook["secret_token"]) == 200
         assert await reply_text(fake, 1) == TEXTS["en"]["help"]
         assert len(fake.calls("sendMessage")) == 1  # the forged post did nothing
+
+
+def test_result_caption_explains_fallbacks_in_the_users_language():
+    from bot.app import result_caption
+    from bot.store import Session
+    from pipeline.types import Face, Fallback, Replacement
+
+    def face(number, fallback):
+        record = Face(box=np.zeros(4, np.float32), landmarks=np.zeros((5, 2), np.float32), score=0.9, number=number)
+        record.replacement = Replacement("blur", fallback=fallback)
+        return record
+
+    unreachable = Fallback("unreachable", (("gender", "female"), ("age_group", "60+")))
+    faces = [face(1, unreachable), face(2, Fallback("profile")), face(3, unreachable)]
+    session = Session("s", 1, 1, "f", "ko", [], "synthetic", 0, 0.0)
+    caption = result_caption(session, faces)
+    assert "얼굴 1, 3" in caption and "60+세 여성" in caption and "옆모습" in caption
+    assert "cannot" not in caption and "female" not in caption
+    session.lang = "en"
+    assert "Face 1, 3: blurred instead (no synthetic female faces aged 60+ yet)" in result_caption(session, faces)
