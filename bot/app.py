@@ -457,6 +457,8 @@ class FaceBot:
                     await bot.edit_message_caption(session.chat_id, previous,
                                                    caption=text(session.lang, "done_preview"), reply_markup=None)
         session.done, session.page = True, 0
+        session.synthetic = {f.number for f in result.faces
+                             if f.replacement is not None and f.replacement.treatment == "synthetic"}
         sent = await bot.send_photo(session.chat_id, result.photo, caption=result_caption(session, result.faces),
                                     reply_markup=keyboards.result_keyboard(session))
         session.result_message_id = sent.message_id

@@ -80,8 +80,9 @@ def selection_keyboard(session: Session) -> InlineKeyboardMarkup:
 
 
 def rerollable(session: Session) -> list[int]:
-    """Faces with a Re-roll button: replaced ones, and only by generated people (a blur has nothing to re-roll)."""
-    return [n for n in session.numbers if n not in session.kept] if session.mode == "synthetic" else []
+    """Faces with a Re-roll button: those the last result replaced by a generated person (a blur,
+    including a synthetic mode's fallback blur, has nothing to re-roll)."""
+    return [n for n in session.numbers if n in session.synthetic and n not in session.kept]
 
 
 def result_keyboard(session: Session) -> InlineKeyboardMarkup:

@@ -61,6 +61,7 @@ class Session:
     expires_at: float
     kept: set[int] = field(default_factory=set)
     face_seeds: dict[int, int] = field(default_factory=dict)  # re-rolled faces only
+    synthetic: set[int] = field(default_factory=set)  # faces the last result gave a generated person
     preview_message_id: int | None = None
     result_message_id: int | None = None
     page: int = 0
@@ -78,6 +79,7 @@ class Session:
         record = asdict(self)
         record["kept"] = sorted(self.kept)
         record["face_seeds"] = {str(k): v for k, v in self.face_seeds.items()}
+        record["synthetic"] = sorted(self.synthetic)
         return json.dumps(record)
 
     @classmethod
@@ -85,6 +87,7 @@ class Session:
         record = json.loads(text)
         record["kept"] = set(record["kept"])
         record["face_seeds"] = {int(k): v for k, v in record["face_seeds"].items()}
+        record["synthetic"] = set(record.get("synthetic", ()))  # rows saved before this field have none
         return cls(**record)
 
 

@@ -310,7 +310,8 @@ async def test_thirty_faces_page_through_the_keyboard(fake, anonymizer, astronau
 @pytest.mark.parametrize("count", [30, 300])
 def test_keyboards_fit_telegram_limits(count):
     session = Session(sid="abcdEFGH", user_id=1, chat_id=1, file_id="f", lang="en", mode="synthetic", seed=1,
-                      expires_at=0.0, faces=[{"number": n} for n in range(1, count + 1)])
+                      expires_at=0.0, faces=[{"number": n} for n in range(1, count + 1)],
+                      synthetic=set(range(1, count + 1)))
     pages = keyboards.page_count(count)
     for done in (False, True):
         seen = []
@@ -434,3 +435,9 @@ def test_result_caption_explains_fallbacks_in_the_users_language():
     assert "cannot" not in caption and "female" not in caption
     session.lang = "en"
     assert "Face 1, 3: blurred instead (no synthetic female faces aged 60+ yet)" in result_caption(session, faces)
+
+
+def test_only_faces_given_a_generated_person_can_be_rerolled_even_after_a_restart():
+    session = Session(sid="s", user_id=1, chat_id=1, file_id="f", lang="en", mode="synthetic", seed=1,
+                      expires_at=0.0, faces=[{"number": n} for n in (1, 2, 3)], kept={3}, synthetic={2})
+    assert keyboards.rerollable(Session.from_json(session.to_json())) == [2]  # 1 fell back to blur, 3 kept
