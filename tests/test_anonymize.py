@@ -229,3 +229,24 @@ def test_eval_anonymize_measures_treatments_sizes_and_the_erased_floor(anonymize
     # a face left untouched would match itself: every treatment must do far better than that
     assert report["modes"]["pixelate"]["mean_identity_similarity"] < 0.5
     assert control["mean_identity_similarity"] < 0.5
+
+
+@pytest.mark.parametrize("mode", ["synthetic", "blur", "pixelate"])
+def test_a_face_cut_by_the_border_is_treated_and_nothing_else_moves(anonymizer, astronaut, mode):
+    from conftest import ASTRONAUT_FACE_BOX
+
+    x1, y1, x2, y2 = (int(v) for v in ASTRONAUT_FACE_BOX)
+    cut = np.ascontiguousarray(astronaut[max(0, y1 - 60):, x1 + (x2 - x1) // 3:])  # a third of the face off-frame
+    faces = anonymizer.detect(cut)
+    assert faces, "the cut face is still detected"
+    result = anonymizer.anonymize(cut, faces, keep=set(), mode=mode, seed=1)
+    assert result.shape == cut.shape
+    face = max(faces, key=lambda f: f.size)
+    assert face.box[0] < 5  # it really touches the border
+    changed = _changed(result, cut)
+    fx1, fy1, fx2, fy2 = face.box.astype(int)
+    assert changed[max(fy1, 0):fy2, max(fx1, 0):fx2].mean() > 0.2
+    outside = np.ones(cut.shape[:2], bool)
+    for f in faces:
+        outside &= _outside(f, cut.shape[:2])
+    assert not changed[outside].any()
