@@ -20,41 +20,40 @@ def similarity_transform(source_points: np.ndarray, target_points: np.ndarray) -
     return matrix
 
 
-def match_colour(face: np.ndarray, reference: np.ndarray, weight: np.ndarray) -> np.ndarray:
-    """Give the face the photo's light and skin colour, keeping only its own features.
+def _lab_stats(lab: np.ndarray, weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    w = weight[:, :, None]
+    total = max(float(weight.sum()), 1e-6)
+    mean = (lab * w).sum(axis=(0, 1)) / total
+    std = np.sqrt(((lab - mean) ** 2 * w).sum(axis=(0, 1)) / total)
+    return mean, np.maximum(std, 1e-3)
 
-    Each Lab channel is split at a scale far coarser than facial features (a sixth of the face):
-    the coarse part (light falling on the face, skin tone, white balance) is the photo's own,
-    the fine part (eyes, brows, nose, mouth) the synthetic face's. Generated faces carry their
-    own lighting (dark sockets, glare on a rendered nose) that would fight the scene's; taking
-    only their fine part removes it, and the photo's coarse shading keeps the head lit as before
-    without carrying identity. The lightness detail is scaled to the photo's own contrast at that
-    scale, the colour detail is halved (lips, eyes: no odd tints).
+
+def match_colour(face: np.ndarray, reference: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    """Give the face the photo's light and skin colour, keeping only its own shading detail.
+
+    Lightness: the face's Lab L is moved onto the reference's mean and spread inside the face.
+    Colour: a and b are the reference's own, low-passed at a scale far coarser than facial
+    features (so no identity comes with them), plus half of the face's finer colour detail
+    (lips, eyes). Rendered or GAN faces carry odd tints (blue eye sockets, grey skin); taking
+    the coarse colour from the photo removes them and matches the scene's white balance.
+    Taking the photo's coarse lightness as well (the synthetic face's fine detail only) looked
+    more evenly lit but measured worse on 93 synthetic faces of eval-anonymize: re-identified
+    0.42 vs 0.30, still detected 0.92 vs 0.98 (the original's face-shape shading carries identity).
     """
     face_lab = cv2.cvtColor(face, cv2.COLOR_RGB2LAB).astype(np.float32)
     ref_lab = cv2.cvtColor(reference, cv2.COLOR_RGB2LAB).astype(np.float32)
+    face_mean, face_std = _lab_stats(face_lab, weight)
+    ref_mean, ref_std = _lab_stats(ref_lab, weight)
+    gain = float(np.clip(ref_std[0] / face_std[0], 0.6, 1.5))
+    out = np.empty_like(face_lab)
+    out[:, :, 0] = (face_lab[:, :, 0] - face_mean[0]) * gain + ref_mean[0]
     size = max(float(np.sqrt(weight.sum())), 4.0)
     coarse = max(1.0, size / 6)
-    out = np.empty_like(face_lab)
-    for ch in range(3):
+    for ch in (1, 2):
         ref_low = _masked_lowpass(ref_lab[:, :, ch], weight, coarse)
         face_detail = face_lab[:, :, ch] - _masked_lowpass(face_lab[:, :, ch], weight, coarse)
-        if ch == 0:
-            spread = max(_masked_std(face_detail, weight), 1e-3)
-            # soft-clip at two spreads: glare and dark blotches of a generated face are its outliers
-            face_detail = 2 * spread * np.tanh(face_detail / (2 * spread))
-            ref_spread = _masked_std(ref_lab[:, :, 0] - ref_low, weight)
-            gain = float(np.clip(ref_spread / spread, 0.6, 1.4))
-        else:
-            gain = 0.5
-        out[:, :, ch] = ref_low + gain * face_detail
+        out[:, :, ch] = ref_low + 0.5 * face_detail
     return cv2.cvtColor(np.clip(out, 0, 255).astype(np.uint8), cv2.COLOR_LAB2RGB)
-
-
-def _masked_std(channel: np.ndarray, weight: np.ndarray) -> float:
-    total = max(float(weight.sum()), 1e-6)
-    mean = float((channel * weight).sum()) / total
-    return float(np.sqrt(((channel - mean) ** 2 * weight).sum() / total))
 
 
 def _masked_lowpass(channel: np.ndarray, weight: np.ndarray, sigma: float) -> np.ndarray:
