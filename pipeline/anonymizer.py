@@ -136,17 +136,17 @@ class Anonymizer:
             if face.keep:
                 face.replacement = None
                 protected = np.maximum(protected, (face_mask(face, shape, feather=0.0) > 0).astype(np.float32))
-        seeds = {id(face): face_seeds.get(face.number, face_seed(seed, face.number or 0)) for face in faces}
-        chosen = self._choose_synthetic([f for f in faces if not f.keep], seed, face_seeds) \
+        default_seeds = {id(face): face_seed(seed, face.number or 0) for face in faces}
+        chosen = self._choose_synthetic([f for f in faces if not f.keep], default_seeds, face_seeds) \
             if mode == "synthetic" else {}
         # Smaller faces first: they are usually behind, and a larger face in front is pasted last.
         for face in sorted((f for f in faces if not f.keep), key=lambda f: f.size):
-            this_seed = seeds[id(face)]
+            this_seed = face_seeds.get(face.number, default_seeds[id(face)])
             face.replacement = self._replace(out, face, 1.0 - protected, mode, this_seed,
                                              np.random.default_rng(this_seed), chosen.get(id(face)))
         return out
 
-    def _choose_synthetic(self, faces: list[Face], seed: int, face_seeds: dict[int, int]
+    def _choose_synthetic(self, faces: list[Face], default_seeds: dict[int, int], face_seeds: dict[int, int]
                           ) -> dict[int, SyntheticFace | Fallback]:
         """Each replaced face's synthetic face (by ``id(face)``), or why it gets none.
 
@@ -167,7 +167,7 @@ class Anonymizer:
                 chosen[id(face)] = reason
         taken: dict[str, set[int]] = defaultdict(set)
         for key, (face, target) in targets.items():
-            pick = self.faces_source.choose(target, face_seed(seed, face.number or 0), taken[target.key])
+            pick = self.faces_source.choose(target, default_seeds[key], taken[target.key])
             if pick is not None:
                 taken[target.key].add(pick.index)
             chosen[key] = pick
@@ -179,7 +179,7 @@ class Anonymizer:
                 chosen[key] = pick
         for key, pick in chosen.items():
             if pick is None:
-                face, target = targets[key]
+                target = targets[key][1]
                 chosen[key] = Fallback("pose") if self.faces_source.pool(target).faces else Fallback("no_match")
         self.times.add("generate", start)
         return chosen

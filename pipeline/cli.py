@@ -421,6 +421,7 @@ def cmd_train_generator(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from pipeline.detect.attributes import ALIGN_SIZE, ALIGN_WIDTHS
     from pipeline.detect.detector import ANONYMIZE_THRESHOLD
 
     parser = argparse.ArgumentParser(prog="facechange", description=__doc__)
@@ -552,8 +553,9 @@ def build_parser() -> argparse.ArgumentParser:
                                        "roi: RoIAlign over the frozen backbone maps")
     train_attributes.add_argument("--views", type=int, default=2, help="roi variant: augmented views per face")
     train_attributes.add_argument("--batch", type=int, default=192, help="aligned variant: batch size")
-    train_attributes.add_argument("--head-size", type=int, default=64, help="aligned variant: crop side the CNN reads")
-    train_attributes.add_argument("--head-widths", default="32,64,128,192",
+    train_attributes.add_argument("--head-size", type=int, default=ALIGN_SIZE,
+                                  help="aligned variant: crop side the CNN reads")
+    train_attributes.add_argument("--head-widths", default=",".join(map(str, ALIGN_WIDTHS)),
                                   help="aligned variant: channels of the CNN's stages, comma-separated")
     train_attributes.add_argument("--limit", type=int, default=None, help="train on N faces (held-out stays whole)")
     train_attributes.add_argument("--eval-limit", type=int, default=None, help="evaluate on the first N held-out")

@@ -86,6 +86,7 @@ UTKFACE_MEAN_LANDMARKS = ((60.54, 58.37), (137.92, 59.80), (98.56, 106.55), (64.
 UTKFACE_CROP = 200
 ALIGN_WINDOW = (20.0, 160.0)  # left/top and side of the square window (200 px crop coordinates)
 ALIGN_SIZE = 64  # side of the aligned crop the CNN reads
+ALIGN_WIDTHS = (32, 64, 128, 192)  # the CNN's stage channels unless a head file says otherwise
 
 
 def aligned_template(size: int = ALIGN_SIZE) -> torch.Tensor:
@@ -132,7 +133,7 @@ class AlignedAttributeHead(nn.Module):
     logits of the crop and its mirror image are averaged.
     """
 
-    def __init__(self, size: int = ALIGN_SIZE, widths: tuple[int, ...] = (32, 64, 128, 192), dropout: float = 0.3,
+    def __init__(self, size: int = ALIGN_SIZE, widths: tuple[int, ...] = ALIGN_WIDTHS, dropout: float = 0.3,
                  flip: bool = True) -> None:
         super().__init__()
         self.size, self.flip = size, flip

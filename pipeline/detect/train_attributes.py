@@ -26,6 +26,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from pipeline.detect.attributes import (
+    ALIGN_SIZE,
+    ALIGN_WIDTHS,
     ALIGN_WINDOW,
     MAX_AGE,
     AlignedAttributeHead,
@@ -392,7 +394,7 @@ def store_size(head_size: int) -> int:
 
 
 def load_aligned_crops(zip_path: Path, samples: list[Sample], face_px: int | None = None,
-                       store: int = store_size(64)) -> np.ndarray:
+                       store: int = store_size(ALIGN_SIZE)) -> np.ndarray:
     """(N, store, store, 3) uint8 RGB: each crop resized (area) to store x store.
 
     With ``face_px`` the crop is first shrunk so its face is ``face_px`` wide, then scaled back
@@ -502,8 +504,8 @@ def predict_aligned(head, stored: np.ndarray, batch: int = 512) -> tuple[np.ndar
 
 
 def run_aligned_training(zip_path: Path, out: Path, limit: int | None = None, eval_limit: int | None = None,
-                         epochs: int = 7, seed: int = 0, batch: int = 192, lr: float = 3e-3, head_size: int = 64,
-                         widths: tuple[int, ...] = (32, 64, 128, 192), device: torch.device = torch.device("cpu"),
+                         epochs: int = 7, seed: int = 0, batch: int = 192, lr: float = 3e-3,
+                         head_size: int = ALIGN_SIZE, widths: tuple[int, ...] = ALIGN_WIDTHS, device: torch.device = torch.device("cpu"),
                          command: str = "", log=print) -> dict:
     """Train AlignedAttributeHead from scratch on every training face; evaluate native and 32 px; save.
 
@@ -549,7 +551,8 @@ def run_aligned_training(zip_path: Path, out: Path, limit: int | None = None, ev
     ages_held = np.array([s.age for s in held_out], dtype=np.int64)
     genders_held = np.array([s.gender for s in held_out], dtype=np.int64)
     report = {"variant": "aligned", "train_faces": len(train), "held_out_faces": len(held_out), "epochs": epochs,
-              "batch": batch, "head": head.config, "device": str(device), "read_seconds": round(read_seconds, 1), "train_seconds": round(train_seconds, 1),
+              "batch": batch, "head": head.config, "device": str(device), "read_seconds": round(read_seconds, 1),
+              "train_seconds": round(train_seconds, 1),
               "threads": torch.get_num_threads(), "loss_first_last": [round(losses[0], 4), round(losses[-1], 4)],
               "aligned_head": {name: attribute_metrics(*predict_aligned(head, held[name]), ages_held, genders_held,
                                                        len(held_out)) for name in EVAL_SIZES}}
