@@ -364,8 +364,13 @@ def cmd_train_attributes(args: argparse.Namespace) -> int:
 
     set_threads(args.threads)
     # The exact command goes into the weights manifest, so a result can be reproduced.
+    if args.epochs is None:
+        args.epochs = 32 if args.variant == "aligned" else 30
     variant_options = (f"--variant aligned --utkface {args.utkface} --out {args.out} --epochs {args.epochs} "
-                       f"--batch {args.batch} --head-size {args.head_size} --head-widths {args.head_widths}"
+                       f"--batch {args.batch} --head-size {args.head_size} --head-widths {args.head_widths} "
+                       f"--head-window {args.head_window:g} "
+                       f"--align {args.align} --swa-epochs {args.swa_epochs}"
+                       + (f" --init {args.init}" if args.init else "")
                        if args.variant == "aligned" else
                        f"--utkface {args.utkface} --out {args.out} --views {args.views} --epochs {args.epochs}")
     command = f"facechange train-attributes {variant_options} --seed {args.seed}"
@@ -377,14 +382,19 @@ def cmd_train_attributes(args: argparse.Namespace) -> int:
     def log(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
+    device = resolve_device(args.device)
+    feature_cache = Path(args.cache_dir) if args.cache_dir else cache_dir() / "attribute-features"
     if args.variant == "aligned":
+        detector = (build_detector(DetectorConfig(attribute_weights=None), device, cache_dir())
+                    if args.align == "detected" else None)
         report = run_aligned_training(Path(args.utkface), Path(args.out), limit=args.limit, eval_limit=args.eval_limit,
                                       epochs=args.epochs, seed=args.seed, batch=args.batch, head_size=args.head_size,
                                       widths=tuple(int(w) for w in args.head_widths.split(",")),
-                                      device=resolve_device(args.device), command=command, log=log)
+                                      window=args.head_window, device=device,
+                                      detector=detector, cache=feature_cache, swa_epochs=args.swa_epochs,
+                                      init=Path(args.init) if args.init else None, command=command, log=log)
     else:
-        detector = build_detector(DetectorConfig(attribute_weights=None), resolve_device(args.device), cache_dir())
-        feature_cache = Path(args.cache_dir) if args.cache_dir else cache_dir() / "attribute-features"
+        detector = build_detector(DetectorConfig(attribute_weights=None), device, cache_dir())
         report = run_training(detector, Path(args.utkface), Path(args.out), feature_cache, views=args.views,
                               limit=args.limit, eval_limit=args.eval_limit, epochs=args.epochs, seed=args.seed,
                               command=command, log=log)
@@ -421,7 +431,7 @@ def cmd_train_generator(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from pipeline.detect.attributes import ALIGN_SIZE, ALIGN_WIDTHS
+    from pipeline.detect.attributes import ALIGN_SIZE, ALIGN_WIDTHS, ALIGN_WINDOW
     from pipeline.detect.detector import ANONYMIZE_THRESHOLD
 
     parser = argparse.ArgumentParser(prog="facechange", description=__doc__)
@@ -557,11 +567,20 @@ def build_parser() -> argparse.ArgumentParser:
                                   help="aligned variant: crop side the CNN reads")
     train_attributes.add_argument("--head-widths", default=",".join(map(str, ALIGN_WIDTHS)),
                                   help="aligned variant: channels of the CNN's stages, comma-separated")
+    train_attributes.add_argument("--head-window", type=float, default=ALIGN_WINDOW,
+                                  help="aligned variant: side of the face window the CNN sees, in 200 px "
+                                       "UTKFace crop pixels (the detector's box is about 168)")
+    train_attributes.add_argument("--swa-epochs", type=int, default=6,
+                                  help="aligned variant: epochs of stochastic weight averaging after --epochs")
+    train_attributes.add_argument("--init", metavar="FILE.pt", help="aligned variant: start from this head")
     train_attributes.add_argument("--limit", type=int, default=None, help="train on N faces (held-out stays whole)")
     train_attributes.add_argument("--eval-limit", type=int, default=None, help="evaluate on the first N held-out")
-    train_attributes.add_argument("--epochs", type=int, default=7, help="7 for aligned; the roi variant used 30")
+    train_attributes.add_argument("--epochs", type=int, default=None, help="default 32 (aligned), 30 (roi)")
+    train_attributes.add_argument("--align", choices=("detected", "utkface"), default="detected",
+                                  help="aligned variant: align training crops by the detector's landmarks (as "
+                                       "detect() does) or trust UTKFace's own alignment")
     train_attributes.add_argument("--seed", type=int, default=0)
-    train_attributes.add_argument("--cache-dir", metavar="DIR", help="feature cache (default: the user cache)")
+    train_attributes.add_argument("--cache-dir", metavar="DIR", help="feature/landmark cache (default: the user cache)")
     train_attributes.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     train_attributes.add_argument("--threads", type=int, default=None, help="CPU threads")
     train_attributes.set_defaults(handler=cmd_train_attributes)

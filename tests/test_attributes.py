@@ -71,17 +71,23 @@ def test_shipped_heads_beat_chance_on_held_out_faces(detector):
     assert report["age_mae"] < np.abs(ages - np.median(ages)).mean()  # better than guessing the median
 
 
-def test_tiny_training_run_learns_and_loads_back(tmp_path, model_cache, astronaut):
+def test_tiny_training_run_learns_and_loads_back(tmp_path, model_cache, astronaut, detector):
     from pipeline.detect.train_attributes import run_aligned_training
 
     zip_path = shared_path("data/utkface.zip")
     out = tmp_path / "heads.pt"
-    report = run_aligned_training(zip_path, out, limit=96, eval_limit=8, epochs=3, batch=32, log=lambda line: None)
+    report = run_aligned_training(zip_path, out, limit=96, eval_limit=8, epochs=3, batch=32, head_size=40,
+                                  widths=(16, 32), window=184.0, detector=detector, cache=tmp_path / "cache",
+                                  log=lambda line: None)
     first, last = report["loss_first_last"]
     assert last < first
+    assert report["alignment"] == "detected landmarks"
     assert report["aligned_head"]["native"]["faces"] == 8
+    assert sorted(path.name for path in (tmp_path / "cache").iterdir()) == ["landmarks-heldout-8.npy",
+                                                                           "landmarks-train-96-s0.npy"]
     trained = build_detector(DetectorConfig(attribute_weights=out), torch.device("cpu"), model_cache)
     assert isinstance(trained.attribute_head, AlignedAttributeHead)
+    assert (trained.attribute_head.size, trained.attribute_head.window) == (40, 184.0)
     face = trained.detect(astronaut)[0]
     assert face.gender in GENDERS and face.age_group in AGE_GROUPS
     with pytest.raises(ValueError, match="sha256"):
@@ -93,7 +99,24 @@ def test_aligned_crop_follows_the_landmarks():
     head = AlignedAttributeHead()
     image = torch.zeros(1, 3, 120, 160)
     image[:, :, 40:80, 60:100] = torch.linspace(-50, 50, 40)[None, None, :, None]
-    lm = head.template[None] * (40 / 64) + torch.tensor([60.0, 40.0])
+    lm = head.template[None] * (40 / head.size) + torch.tensor([60.0, 40.0])
     crop = head.crops(image, lm)
-    assert crop.shape == (1, 3, 64, 64)
+    assert crop.shape == (1, 3, head.size, head.size)
     assert crop[0, :, 4].mean() < -30 and crop[0, :, -5].mean() > 30
+
+
+def test_align_crop_puts_the_detected_landmarks_on_the_template():
+    from pipeline.detect.attributes import UTKFACE_MEAN_LANDMARKS
+    from pipeline.detect.train_attributes import align_crop
+
+    mean = np.array(UTKFACE_MEAN_LANDMARKS, dtype=np.float32)
+    turn = np.deg2rad(8)
+    rotation = np.array([[np.cos(turn), -np.sin(turn)], [np.sin(turn), np.cos(turn)]], dtype=np.float32)
+    detected = (mean - 100) @ rotation.T * 0.9 + 100 + np.array([7, -5], dtype=np.float32)
+    crop = np.zeros((200, 200, 3), np.uint8)
+    for x, y in detected:
+        cv2.circle(crop, (int(round(x)), int(round(y))), 3, (255, 255, 255), -1)
+    aligned = align_crop(crop, detected)
+    for x, y in mean:
+        assert aligned[int(round(y)), int(round(x))].min() > 200
+    assert aligned.sum() > 0 and np.array_equal(align_crop(crop, np.full((5, 2), np.nan, np.float32)), crop)

@@ -3,7 +3,7 @@
 Per-anchor 1x1 heads on MobileNet-0.25's 64-channel SSH maps see one cell per face, and even
 RoIAlign over the frozen backbone stages (``AttributeHead``, the first shipped variant) falls
 short of the targets: the detector's features carry little gender/age information. The
-``AlignedAttributeHead`` instead samples a landmark-aligned 64 px face crop from the pass's own
+``AlignedAttributeHead`` instead samples a landmark-aligned 72 px face crop from the pass's own
 input tensor (affine_grid + grid_sample, using the landmarks the pass just decoded) and runs a
 small CNN trained from scratch on it. Either head only adds columns: one model, one call, and the
 detector's boxes, scores and landmarks are unchanged.
@@ -84,15 +84,18 @@ def _columns(gender: torch.Tensor, group: torch.Tensor, bins: torch.Tensor) -> t
 # landmarks onto the same points.
 UTKFACE_MEAN_LANDMARKS = ((60.54, 58.37), (137.92, 59.80), (98.56, 106.55), (64.80, 137.10), (132.51, 138.43))
 UTKFACE_CROP = 200
-ALIGN_WINDOW = (20.0, 160.0)  # left/top and side of the square window (200 px crop coordinates)
-ALIGN_SIZE = 64  # side of the aligned crop the CNN reads
-ALIGN_WIDTHS = (32, 64, 128, 192)  # the CNN's stage channels unless a head file says otherwise
+# Defaults of the aligned head unless a head file says otherwise: the side of the square window
+# the CNN sees (in 200 px crop coordinates, centred on the crop), the side of the crop it reads,
+# and its stage channels.
+ALIGN_WINDOW = 184.0
+ALIGN_SIZE = 72
+ALIGN_WIDTHS = (48, 96, 192, 288)
 
 
-def aligned_template(size: int = ALIGN_SIZE) -> torch.Tensor:
+def aligned_template(size: int = ALIGN_SIZE, window: float = ALIGN_WINDOW) -> torch.Tensor:
     """The 5 template points in the pixel coordinates of the size x size aligned crop."""
-    start, side = ALIGN_WINDOW
-    return (torch.tensor(UTKFACE_MEAN_LANDMARKS) - start) * (size / side)
+    start = (UTKFACE_CROP - window) / 2
+    return (torch.tensor(UTKFACE_MEAN_LANDMARKS) - start) * (size / window)
 
 
 def similarity_to(src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
@@ -134,11 +137,11 @@ class AlignedAttributeHead(nn.Module):
     """
 
     def __init__(self, size: int = ALIGN_SIZE, widths: tuple[int, ...] = ALIGN_WIDTHS, dropout: float = 0.3,
-                 flip: bool = True) -> None:
+                 flip: bool = True, window: float = ALIGN_WINDOW) -> None:
         super().__init__()
-        self.size, self.flip = size, flip
-        self.config = {"size": size, "widths": list(widths), "dropout": dropout, "flip": flip}
-        self.register_buffer("template", aligned_template(size))
+        self.size, self.flip, self.window = size, flip, window
+        self.config = {"size": size, "widths": list(widths), "dropout": dropout, "flip": flip, "window": window}
+        self.register_buffer("template", aligned_template(size, window))
         layers, cin = [], 3
         for i, width in enumerate(widths):  # the first stage is a single stride-2 conv: full resolution is costly
             layers += [_block(cin, width, 2)] + ([_block(width, width, 1)] if i else [])

@@ -30,15 +30,18 @@ from pipeline.detect.attributes import (
     ALIGN_WIDTHS,
     ALIGN_WINDOW,
     MAX_AGE,
+    UTKFACE_MEAN_LANDMARKS,
     AlignedAttributeHead,
     AttributeHead,
     age_group_index,
     expected_age,
+    load_head,
     pool_boxes,
     save_head,
+    similarity_to,
 )
 from pipeline.detect.detector import RetinaFaceDetector
-from pipeline.types import AGE_GROUPS
+from pipeline.types import AGE_GROUPS, Face
 
 _LABEL = re.compile(r"^(\d+)_([01])_")
 
@@ -146,6 +149,14 @@ def _match(rows: np.ndarray, crop_box: np.ndarray) -> np.ndarray | None:
     ious = torchvision.ops.box_iou(torch.from_numpy(rows[:, :4]), torch.from_numpy(crop_box[None]))[:, 0]
     best = int(torch.argmax(ious))
     return rows[best, :4] if float(ious[best]) >= 0.3 else None
+
+
+def detected_face(detector: RetinaFaceDetector, canvas: np.ndarray, crop_box: np.ndarray) -> Face | None:
+    """What ``detector.detect`` finds at the pasted crop (IoU >= 0.3), or None when it misses it."""
+    faces = detector.detect(canvas)
+    rows = np.array([face.box for face in faces], dtype=np.float32).reshape(-1, 4)
+    box = _match(rows, crop_box)
+    return None if box is None else faces[int(np.flatnonzero((rows == box).all(1))[0])]
 
 
 @dataclass
@@ -288,11 +299,16 @@ def attribute_metrics(female: np.ndarray, group_probs: np.ndarray, age_pred: np.
     confusion = np.zeros((len(AGE_GROUPS), len(AGE_GROUPS)), dtype=int)
     np.add.at(confusion, (true_group, pred_group), 1)
     n = len(age)
+    gender_right = (female >= 0.5) == gender
+    # Children's gender is the hard part (UTKFace 0-9 faces): report it per true age group.
+    gender_by_group = {name: round(float(gender_right[true_group == k].mean()), 4)
+                       for k, name in enumerate(AGE_GROUPS) if (true_group == k).any()}
     return {
         "faces": shown,
         "detected": n,
         "detection_rate": round(n / shown, 4) if shown else 0.0,
-        "gender_accuracy": round(float(((female >= 0.5) == gender).mean()), 4) if n else None,
+        "gender_accuracy": round(float(gender_right.mean()), 4) if n else None,
+        "gender_accuracy_by_true_age_group": gender_by_group,
         "age_group_accuracy": round(float((pred_group == true_group).mean()), 4) if n else None,
         "age_mae": round(float(np.abs(age_pred - np.minimum(age, MAX_AGE)).mean()), 2) if n else None,
         "age_group_confusion": {"rows_true_cols_predicted": list(AGE_GROUPS), "matrix": confusion.tolist()},
@@ -365,14 +381,10 @@ def evaluate_attributes(detector: RetinaFaceDetector, zip_path: Path, face_px: i
     female, groups, years, ages, genders = [], [], [], [], []
     with zipfile.ZipFile(zip_path) as archive:
         for sample in held_out:
-            crop = cv2.imdecode(np.frombuffer(archive.read(sample.member), np.uint8), cv2.IMREAD_COLOR)[:, :, ::-1]
-            canvas, crop_box = make_canvas(crop, view, None)
-            faces = detector.detect(canvas)
-            rows = np.array([face.box for face in faces], dtype=np.float32).reshape(-1, 4)
-            box = _match(rows, crop_box)
-            if box is None:
+            canvas, crop_box = make_canvas(_read_crop(archive, sample), view, None)
+            face = detected_face(detector, canvas, crop_box)
+            if face is None:
                 continue
-            face = faces[int(np.flatnonzero((rows == box).all(1))[0])]
             female.append(face.gender_prob if face.gender == "female" else 1.0 - face.gender_prob)
             groups.append(face.age_group_probs)
             years.append(face.age)
@@ -385,26 +397,77 @@ def evaluate_attributes(detector: RetinaFaceDetector, zip_path: Path, face_px: i
 # ---------------------------------------------------------------------------------------------
 # Aligned-face branch: a small CNN trained from scratch on landmark-aligned crops (see
 # attributes.AlignedAttributeHead). UTKFace crops are already aligned, so training reads the
-# fixed window ALIGN_WINDOW of every crop (no per-image detection); at inference the face's own
+# centred window (the head's ``window``) of every crop (no per-image detection); at inference the face's own
 # landmarks are mapped onto the mean landmarks of that window.
 
-def store_size(head_size: int) -> int:
-    """Side at which whole 200 px crops are kept so that the alignment window is head_size px (80 for 64)."""
-    return int(round(head_size * NATIVE_CROP / ALIGN_WINDOW[1]))
+def store_size(head_size: int, window: float = ALIGN_WINDOW) -> int:
+    """Side at which whole 200 px crops are kept so that the alignment window is head_size px (78 for 72 over 184)."""
+    return int(round(head_size * NATIVE_CROP / window))
+
+
+def _read_crop(archive: zipfile.ZipFile, sample: Sample) -> np.ndarray:
+    """The sample's crop as RGB uint8 at NATIVE_CROP x NATIVE_CROP."""
+    crop = cv2.imdecode(np.frombuffer(archive.read(sample.member), np.uint8), cv2.IMREAD_COLOR)[:, :, ::-1]
+    return cv2.resize(np.ascontiguousarray(crop), (NATIVE_CROP, NATIVE_CROP), interpolation=cv2.INTER_AREA)
+
+
+@torch.inference_mode()
+def detect_crop_landmarks(detector: RetinaFaceDetector, zip_path: Path, samples: list[Sample],
+                          log=print) -> np.ndarray:
+    """(N, 5, 2) landmarks the detector finds on each native crop (padded as in eval_view); NaN when missed."""
+    plain = detector.without_attributes()
+    view = eval_view(None)
+    out = np.full((len(samples), 5, 2), np.nan, np.float32)
+    start = time.perf_counter()
+    with zipfile.ZipFile(zip_path) as archive:
+        for i, sample in enumerate(samples):
+            canvas, crop_box = make_canvas(_read_crop(archive, sample), view, None)
+            face = detected_face(plain, canvas, crop_box)
+            if face is not None:
+                out[i] = face.landmarks - crop_box[:2]
+            if (i + 1) % 2000 == 0:
+                log(f"landmarks: {i + 1}/{len(samples)} crops, {time.perf_counter() - start:.0f} s")
+    return out
+
+
+def cached_landmarks(cache: Path | None, key: str, compute) -> np.ndarray:
+    """Landmarks from ``cache/key.npy``, computing and saving them on a miss (no cache: always computed)."""
+    if cache is None:
+        return compute()
+    path = cache / f"{key}.npy"
+    if path.is_file():
+        return np.load(path)
+    landmarks = compute()
+    cache.mkdir(parents=True, exist_ok=True)
+    np.save(path, landmarks)
+    return landmarks
+
+
+def align_crop(crop: np.ndarray, landmarks: np.ndarray) -> np.ndarray:
+    """The crop warped so its landmarks land on UTKFACE_MEAN_LANDMARKS: the alignment detect() applies."""
+    if np.isnan(landmarks).any():
+        return crop
+    mean = torch.tensor(UTKFACE_MEAN_LANDMARKS, dtype=torch.float32)
+    matrix = similarity_to(torch.from_numpy(landmarks).float(), mean[None])[0].numpy()
+    return cv2.warpAffine(crop, matrix, (NATIVE_CROP, NATIVE_CROP), flags=cv2.INTER_LINEAR,
+                          borderMode=cv2.BORDER_REPLICATE)
 
 
 def load_aligned_crops(zip_path: Path, samples: list[Sample], face_px: int | None = None,
-                       store: int = store_size(ALIGN_SIZE)) -> np.ndarray:
+                       store: int = store_size(ALIGN_SIZE), landmarks: np.ndarray | None = None) -> np.ndarray:
     """(N, store, store, 3) uint8 RGB: each crop resized (area) to store x store.
 
-    With ``face_px`` the crop is first shrunk so its face is ``face_px`` wide, then scaled back
-    up (bilinear): what a small face in a photo looks like once the head samples it.
+    With ``landmarks`` (from ``detect_crop_landmarks``) each crop is first aligned by them as
+    detect() aligns a face, instead of trusting UTKFace's own alignment. With ``face_px`` the crop
+    is then shrunk so its face is ``face_px`` wide and scaled back up (bilinear): what a small
+    face in a photo looks like once the head samples it.
     """
     out = np.empty((len(samples), store, store, 3), np.uint8)
     with zipfile.ZipFile(zip_path) as archive:
         for i, sample in enumerate(samples):
-            crop = cv2.imdecode(np.frombuffer(archive.read(sample.member), np.uint8), cv2.IMREAD_COLOR)[:, :, ::-1]
-            crop = cv2.resize(np.ascontiguousarray(crop), (NATIVE_CROP, NATIVE_CROP), interpolation=cv2.INTER_AREA)
+            crop = _read_crop(archive, sample)
+            if landmarks is not None:
+                crop = align_crop(crop, landmarks[i])
             if face_px is not None:
                 side = int(round(face_px / FACE_WIDTH_IN_CROP))
                 small = cv2.resize(crop, (side, side), interpolation=cv2.INTER_AREA)
@@ -419,14 +482,13 @@ def _to_input(batch: torch.Tensor, mean_bgr=(104.0, 117.0, 123.0)) -> torch.Tens
     return bgr - torch.tensor(mean_bgr).view(1, 3, 1, 1)
 
 
-def _window_theta(n: int, size: int, jitter: bool, generator: torch.Generator | None) -> torch.Tensor:
+def _window_theta(n: int, size: int, window: float, jitter: bool, generator: torch.Generator | None
+                  ) -> torch.Tensor:
     """affine_grid thetas taking the size px window (centre of the stored crop) into the stored crop."""
-    start, side = ALIGN_WINDOW
-    half = side / NATIVE_CROP  # the window's half-extent in the stored crop's normalised coordinates
-    centre = (start + side / 2) / NATIVE_CROP * 2 - 1
+    half = window / NATIVE_CROP  # the window's half-extent in the stored crop's normalised coordinates
     scale = torch.full((n,), half)
     angle = torch.zeros(n)
-    shift = torch.full((n, 2), centre)
+    shift = torch.zeros(n, 2)
     if jitter:
         scale = scale * torch.empty(n).uniform_(0.96, 1.04, generator=generator)
         angle = torch.empty(n).uniform_(-5, 5, generator=generator) * (np.pi / 180)
@@ -435,12 +497,12 @@ def _window_theta(n: int, size: int, jitter: bool, generator: torch.Generator | 
     return torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
 
 
-def aligned_batch(stored: torch.Tensor, size: int, augment: bool, generator: torch.Generator | None = None
-                  ) -> torch.Tensor:
+def aligned_batch(stored: torch.Tensor, size: int, window: float, augment: bool,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
     """The head's input for stored uint8 crops: window (jittered when augmenting), degraded when augmenting."""
     x = _to_input(stored)
     n = len(x)
-    grid = F.affine_grid(_window_theta(n, size, augment, generator), [n, 3, size, size], align_corners=False)
+    grid = F.affine_grid(_window_theta(n, size, window, augment, generator), [n, 3, size, size], align_corners=False)
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
     if not augment:
         return x
@@ -473,7 +535,7 @@ def aligned_batch(stored: torch.Tensor, size: int, augment: bool, generator: tor
     small = pick(0.4)
     if small.any():
         face = int(torch.randint(16, 41, (1,), generator=generator))
-        side = max(8, int(round(face * ALIGN_WINDOW[1] / (FACE_WIDTH_IN_CROP * NATIVE_CROP))))
+        side = max(8, int(round(face * window / (FACE_WIDTH_IN_CROP * NATIVE_CROP))))
         sub = F.interpolate(img[small], size=(side, side), mode="area")
         img[small] = F.interpolate(sub, size=(size, size), mode="bilinear", align_corners=False)
     # additive noise standing in for JPEG on some
@@ -491,7 +553,7 @@ def predict_aligned(head, stored: np.ndarray, batch: int = 512) -> tuple[np.ndar
     female, groups, years = [], [], []
     with torch.inference_mode():
         for first in range(0, len(stored), batch):
-            x = aligned_batch(torch.from_numpy(stored[first : first + batch]), head.size, False).to(device)
+            x = aligned_batch(torch.from_numpy(stored[first : first + batch]), head.size, head.window, False).to(device)
             if head.flip:
                 n = len(x)
                 gender, group, bins = [(t[:n] + t[n:]) / 2 for t in head(torch.cat([x, x.flip(3)]))]
@@ -504,53 +566,89 @@ def predict_aligned(head, stored: np.ndarray, batch: int = 512) -> tuple[np.ndar
 
 
 def run_aligned_training(zip_path: Path, out: Path, limit: int | None = None, eval_limit: int | None = None,
-                         epochs: int = 7, seed: int = 0, batch: int = 192, lr: float = 3e-3,
-                         head_size: int = ALIGN_SIZE, widths: tuple[int, ...] = ALIGN_WIDTHS, device: torch.device = torch.device("cpu"),
+                         epochs: int = 32, seed: int = 0, batch: int = 192, lr: float = 3e-3,
+                         head_size: int = ALIGN_SIZE, widths: tuple[int, ...] = ALIGN_WIDTHS,
+                         window: float = ALIGN_WINDOW, device: torch.device = torch.device("cpu"), detector: RetinaFaceDetector | None = None,
+                         cache: Path | None = None, swa_epochs: int = 0, init: Path | None = None,
                          command: str = "", log=print) -> dict:
     """Train AlignedAttributeHead from scratch on every training face; evaluate native and 32 px; save.
 
-    Batches are cropped and degraded on the CPU (seeded, so the same command gives the same
-    faces on any device) and the CNN runs on ``device``.
+    With a ``detector`` every crop (training and held-out) is aligned by the landmarks it finds,
+    as detect() aligns faces, so the head trains on what it will see; without one, UTKFace's own
+    alignment is trusted. Batches are cropped and degraded on the CPU (seeded, so the same command
+    gives the same faces on any device) and the CNN runs on ``device``. ``swa_epochs`` more epochs
+    average the weights (SWA); ``init`` starts from a saved head of the same shape.
     """
     train, held_out = split_utkface(zip_path, limit, eval_limit, seed)
     start = time.perf_counter()
-    store = store_size(head_size)
-    crops = load_aligned_crops(zip_path, train, store=store)
-    held = {name: load_aligned_crops(zip_path, held_out, size, store) for name, size in EVAL_SIZES.items()}
+    store = store_size(head_size, window)
+    train_points = held_points = None
+    if detector is not None:
+        train_points = cached_landmarks(cache, f"landmarks-train-{len(train)}-s{seed}",
+                                        lambda: detect_crop_landmarks(detector, zip_path, train, log))
+        held_points = cached_landmarks(cache, f"landmarks-heldout-{len(held_out)}",
+                                       lambda: detect_crop_landmarks(detector, zip_path, held_out, log))
+    crops = load_aligned_crops(zip_path, train, store=store, landmarks=train_points)
+    held = {name: load_aligned_crops(zip_path, held_out, size, store, held_points) for name, size in EVAL_SIZES.items()}
     read_seconds = time.perf_counter() - start
     log(f"read {len(train)} training and {len(held_out)} held-out faces in {read_seconds:.1f} s")
     ages = torch.from_numpy(np.array([s.age for s in train], dtype=np.int64))
     genders = torch.from_numpy(np.array([s.gender for s in train], dtype=np.int64))
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
-    head = AlignedAttributeHead(size=head_size, widths=widths).to(device)
-    head.train()
+    head = AlignedAttributeHead(size=head_size, widths=widths, window=window)
+    if init is not None:
+        start_from = load_head(init, None)
+        if start_from.config != head.config:
+            raise ValueError(f"{init}: head {start_from.config} differs from the requested {head.config}")
+        head.load_state_dict(start_from.state_dict())
+    head.to(device).train()
     optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=5e-4)
     per_epoch = -(-len(train) // batch)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=max(1, epochs * per_epoch),
                                                    pct_start=0.15)
     stored = torch.from_numpy(crops)
-    losses, start = [], time.perf_counter()
-    for epoch in range(epochs):
+
+    def batches():
         order = torch.randperm(len(train), generator=generator)
-        total = 0.0
-        for first in range(0, len(train), batch):
+        for first in range(0, len(train) - 1, batch):  # BatchNorm needs two samples
             idx = order[first : first + batch]
-            if len(idx) < 2:
-                continue
-            x = aligned_batch(stored[idx], head.size, True, generator).to(device)
+            yield idx, aligned_batch(stored[idx], head.size, head.window, True, generator).to(device)
+
+    def run_epoch(step_schedule: bool) -> float:
+        total = 0.0
+        for idx, x in batches():
             loss = attribute_loss(head(x), ages[idx].to(device), genders[idx].to(device), sigma=3.0)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-            schedule.step()
+            if step_schedule:
+                schedule.step()
             total += float(loss.detach()) * len(idx)
-        losses.append(total / len(train))
+        return total / len(train)
+
+    losses, start = [], time.perf_counter()
+    for epoch in range(epochs):
+        losses.append(run_epoch(True))
         log(f"epoch {epoch + 1}/{epochs}: loss {losses[-1]:.4f}, {time.perf_counter() - start:.0f} s")
+    if swa_epochs:
+        # Stochastic weight averaging: a constant low learning rate, the weights averaged at the end
+        # of each epoch, then BatchNorm statistics recomputed for the averaged weights.
+        averaged = torch.optim.swa_utils.AveragedModel(head)
+        for group in optimizer.param_groups:
+            group["lr"] = lr / 10
+        for epoch in range(swa_epochs):
+            losses.append(run_epoch(False))
+            averaged.update_parameters(head)
+            log(f"swa epoch {epoch + 1}/{swa_epochs}: loss {losses[-1]:.4f}, {time.perf_counter() - start:.0f} s")
+        head.load_state_dict(averaged.module.state_dict())
+        torch.optim.swa_utils.update_bn((x for _, x in batches()), head)
     train_seconds = time.perf_counter() - start
     ages_held = np.array([s.age for s in held_out], dtype=np.int64)
     genders_held = np.array([s.gender for s in held_out], dtype=np.int64)
-    report = {"variant": "aligned", "train_faces": len(train), "held_out_faces": len(held_out), "epochs": epochs,
+    report = {"variant": "aligned", "alignment": "detected landmarks" if detector is not None else "UTKFace's",
+              "train_faces": len(train), "held_out_faces": len(held_out), "epochs": epochs, "swa_epochs": swa_epochs,
+              "init": str(init) if init is not None else None,
               "batch": batch, "head": head.config, "device": str(device), "read_seconds": round(read_seconds, 1),
               "train_seconds": round(train_seconds, 1),
               "threads": torch.get_num_threads(), "loss_first_last": [round(losses[0], 4), round(losses[-1], 4)],
@@ -559,6 +657,7 @@ def run_aligned_training(zip_path: Path, out: Path, limit: int | None = None, ev
     head.cpu()
     save_head(head, out, {"data": "UTKFace (aligned & cropped), non-commercial research licence",
                           "command": command, "held_out": {"split": "sha1(file name) % 10 == 0",
-                                                           "fixed_window": True, **report["aligned_head"]}})
+                                                           "alignment": report["alignment"],
+                                                           **report["aligned_head"]}})
     report["weights"] = str(out)
     return report
