@@ -127,6 +127,8 @@ class FaceBot:
     async def start(self, app: Application) -> None:
         self.store = SessionStore(self.config.state_path, self.config.session_ttl, self.config.max_images)
         self.worker.start()
+        # The synthetic-face pools are drawn once, first in the queue, so no user's photo waits for them.
+        self.worker.submit(self.anonymizer.faces_source.draw_pools).add_done_callback(_log_pools)
         self.sweeper = asyncio.create_task(self._sweep_forever(), name="session-sweeper")
         for lang, commands in COMMANDS.items():
             await app.bot.set_my_commands([BotCommand(*c) for c in commands],
@@ -464,6 +466,16 @@ class FaceBot:
         session.result_message_id = sent.message_id
         self.sessions.save(session)
         await bot.send_document(session.chat_id, InputFile(result.document, filename=result.filename))
+
+
+def _log_pools(future: asyncio.Future) -> None:
+    if future.cancelled():
+        return
+    if future.exception() is not None:
+        log.error("drawing the synthetic-face pools failed (they are drawn at first use instead)",
+                  exc_info=future.exception())
+    else:
+        log.info("synthetic-face pools drawn: %s", ", ".join(future.result()))
 
 
 def build_application(config: BotConfig, anonymizer: Anonymizer) -> Application:

@@ -206,6 +206,22 @@ def test_bench_anonymize_reports_every_mode(capsys, model_cache, monkeypatch):
     assert all(mode["seconds"] > 0 for mode in report["modes"].values())
     assert report["modes"]["blur"]["treatments"] == ["blur"]
     assert "detect" in report["modes"]["synthetic"]["last_run_stage_seconds"]
+    assert report["draw_pools_seconds"] > 0 and report["first_call_after_draw_pools_seconds"] > 0
+
+
+def test_draw_pools_draws_exactly_the_targets_the_generator_can_make(anonymizer):
+    from pipeline.generate.matching import Target
+    from pipeline.types import AGE_GROUPS, GENDERS
+
+    source = anonymizer.faces_source
+    keys = source.draw_pools()
+    everything = [Target(g, a) for g in GENDERS for a in AGE_GROUPS]
+    assert keys == [t.key for t in everything if source.can_make(t)]
+    assert "male/0-9" not in keys and "female/60+" not in keys
+    pools = {key: source.pool(Target(*key.split("/"))) for key in keys}
+    assert all(pool.faces for pool in pools.values())
+    assert source.draw_pools() == keys
+    assert all(source.pool(Target(*key.split("/"))) is pools[key] for key in keys)  # drawn once, kept
 
 
 def test_eval_anonymize_measures_treatments_sizes_and_the_erased_floor(anonymizer, tmp_path):

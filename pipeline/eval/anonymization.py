@@ -54,7 +54,8 @@ def evaluate_anonymization(anonymizer: Anonymizer, embedder: IdentityEmbedder, t
                            modes: tuple[str, ...] = TREATMENTS, seed: int = 0) -> dict:
     totals = {mode: {"faces": 0, "reidentified": 0, "detected": 0, "gender_kept": 0, "gender_known": 0,
                      "age_group_kept": 0, "age_known": 0, "similarity": 0.0, "seconds": 0.0,
-                     "replaced_faces": 0, "treatments": {}, "stage_seconds": {}, "by_treatment": {}, "by_size": {}} for mode in modes}
+                     "replaced_faces": 0, "treatments": {}, "stage_seconds": {}, "by_treatment": {}, "by_size": {},
+                     "by_synthetic_mode_treatment": {}} for mode in modes}
     # The measurement's floor: the same faces with the whole face ellipse painted flat. Small faces
     # embed near a generic "low-quality face", so some still "match" with no face left at all.
     erased = {"faces": 0, "reidentified": 0, "similarity": 0.0, "by_size": {}}
@@ -79,7 +80,10 @@ def evaluate_anonymization(anonymizer: Anonymizer, embedder: IdentityEmbedder, t
             erased["similarity"] += float(similarity.sum())
             for face, sim in zip(measured, similarity):
                 _tally(erased["by_size"], _size_bucket(face.size), sim > threshold, None)
-        for mode in modes:
+        # What synthetic mode did to each face, so every mode is also compared on the same faces
+        # (the faces that got a generated person are not a random sample of the measured ones).
+        synthetic_treatment: dict[int, str] = {}
+        for mode in sorted(modes, key=lambda name: name != "synthetic"):
             mode_faces = copy.deepcopy(faces)
             anonymizer.times.seconds.clear()
             start = time.perf_counter()
@@ -95,6 +99,8 @@ def evaluate_anonymization(anonymizer: Anonymizer, embedder: IdentityEmbedder, t
             for face in mode_faces:
                 kind = face.replacement.treatment
                 total["treatments"][kind] = total["treatments"].get(kind, 0) + 1
+            if mode == "synthetic":
+                synthetic_treatment = {i: face.replacement.treatment for i, face in enumerate(mode_faces)}
             photo_record[f"{mode}_seconds"] = round(seconds, 3)
             if not measured:
                 continue
@@ -109,6 +115,9 @@ def evaluate_anonymization(anonymizer: Anonymizer, embedder: IdentityEmbedder, t
                 # synthetic mode mixes synthetic faces and blur fallbacks: report each on its own
                 _tally(total["by_treatment"], mode_faces[index].replacement.treatment, sim > threshold, found)
                 _tally(total["by_size"], _size_bucket(face.size), sim > threshold, found)
+                if synthetic_treatment:
+                    _tally(total["by_synthetic_mode_treatment"], f"faces synthetic mode gave: "
+                           f"{synthetic_treatment[index]}", sim > threshold, found)
                 if found is None:
                     continue
                 total["detected"] += 1
@@ -170,7 +179,8 @@ def _summary(total: dict, photos: int) -> dict:
         "treatments": total["treatments"],
         **{name: {key: {"faces_measured": v["faces"], "reidentification": _rate(v["reidentified"], v["faces"]),
                         "detection_retention": _rate(v["detected"], v["faces"])}
-                  for key, v in sorted(total[name].items())} for name in ("by_treatment", "by_size")},
+                  for key, v in sorted(total[name].items())}
+           for name in ("by_treatment", "by_size", "by_synthetic_mode_treatment")},
         "seconds_per_photo": round(total["seconds"] / max(photos, 1), 3),
         "seconds_per_face": round(total["seconds"] / max(total["replaced_faces"], 1), 4),
         "stage_seconds_per_photo": {k: round(v / max(photos, 1), 3) for k, v in total["stage_seconds"].items()},

@@ -263,6 +263,18 @@ class SyntheticFaceSource:
             self._pools[key] = Pool(hits, draws, detected, met)
         return self._pools[key]
 
+    def draw_pools(self) -> list[str]:
+        """Draws the pool of every gender x age-group target this generator can make; their keys.
+
+        A pool costs a second or two of generation and analysis at first use; a long-running
+        process (the bot) draws them all at start so that no user's photo pays for them.
+        """
+        targets = [Target(gender, group) for gender in GENDERS for group in AGE_GROUPS]
+        drawn = [target for target in targets if self.can_make(target)]
+        for target in drawn:
+            self.pool(target)
+        return [target.key for target in drawn]
+
     def choose(self, target: Target, seed: int, taken: set[int] = frozenset()) -> SyntheticFace | None:
         """A pool face for this seed: among a few seeded picks not ``taken``, the closest in pose.
 

@@ -51,6 +51,14 @@ def _roll_degrees(face: Face) -> float:
     return float(np.degrees(np.arctan2(ry - ly, rx - lx)))
 
 
+# How far the inner ellipse reaches beyond brows-to-chin, eye to eye. Measured with eval-anonymize
+# (14 photos, the 158 faces given a synthetic person): 1.0 left cheeks and jaw line of the original
+# and 30% were still re-identified (blur on the same faces: 18%); 1.2 gives 16% and detection
+# retention 0.97 (from 0.95), and looks as natural; 1.3-1.6 give 12-4% but the ellipse's edge then
+# shows as a translucent oval over hair and forehead.
+INNER_MASK_GROW = 1.2
+
+
 def inner_face_mask(face: Face, shape: tuple[int, int], feather: float = 0.18) -> np.ndarray:
     """A float32 mask over brows, eyes, nose, mouth and chin, placed by the 5 landmarks.
 
@@ -70,7 +78,7 @@ def inner_face_mask(face: Face, shape: tuple[int, int], feather: float = 0.18) -
     across = (right_eye - left_eye) / max(eye_distance, 1e-3)
     center = eyes + 0.42 * down - 0.5 * yaw * eye_distance * across
     half_width = max(1.0, max(eye_distance, 0.7 * eye_to_mouth) * (1.0 - 0.5 * min(abs(yaw), 0.6)))
-    axes = (half_width, 1.25 * eye_to_mouth)
+    axes = (INNER_MASK_GROW * half_width, INNER_MASK_GROW * 1.25 * eye_to_mouth)
     angle = float(np.degrees(np.arctan2(down[1], down[0]))) - 90.0
     mask = np.zeros((height, width), np.float32)
     scale = 16
