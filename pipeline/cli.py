@@ -483,7 +483,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(handler=cmd_eval_detect)
 
     bench = commands.add_parser("bench-detect", help="detection time on a 1024 px and a 4000x3000 photo")
-    bench.add_argument("--repeats", type=int, default=3)
+    bench.add_argument("--repeats", type=int, default=9)
     _add_detector_options(bench, ANONYMIZE_THRESHOLD)
     bench.set_defaults(handler=cmd_bench_detect)
 

