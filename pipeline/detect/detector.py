@@ -12,7 +12,7 @@ import torchvision
 from facexlib.detection.retinaface_utils import decode, decode_landm
 
 from pipeline.detect.attributes import ATTRIBUTE_COLUMNS
-from pipeline.detect.network import VARIANCES, RetinaFaceNet, prior_boxes
+from pipeline.detect.network import VARIANCES, RetinaFaceNet, fuse_batchnorm, prior_boxes
 from pipeline.types import AGE_GROUPS, GENDERS, Face
 
 # Default score threshold for anonymization. A missed face is a privacy leak while a false box
@@ -75,7 +75,9 @@ class RetinaFaceDetector:
     """Finds faces in RGB uint8 images; one instance loads its network once."""
 
     def __init__(self, net: RetinaFaceNet, settings: DetectorSettings, device: torch.device) -> None:
-        self.net = net.to(device).eval()
+        # NHWC: oneDNN runs MobileNet's depthwise convolutions about twice as fast in this layout
+        # (forward pass at 1024 x 683 on 2 CPU threads: 0.056 s NCHW, 0.027 s NHWC).
+        self.net = fuse_batchnorm(net.to(device).eval()).to(memory_format=torch.channels_last)
         self.settings = settings
         self.device = device
         self._mean = torch.tensor(settings.mean_bgr, dtype=torch.float32, device=device).view(1, 3, 1, 1)
@@ -111,7 +113,7 @@ class RetinaFaceDetector:
     def _to_tensor(self, image_rgb: np.ndarray) -> torch.Tensor:
         bgr = np.ascontiguousarray(image_rgb[:, :, ::-1]).transpose(2, 0, 1)
         tensor = torch.from_numpy(bgr).to(self.device, non_blocking=True).unsqueeze(0).float()
-        return tensor - self._mean
+        return (tensor - self._mean).contiguous(memory_format=torch.channels_last)
 
     def _forward(self, tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
         loc, conf, landmarks, body, _ = self.net.forward_with_maps(tensor)

@@ -99,6 +99,24 @@ class RetinaFaceNet(nn.Module):
         return self.forward_with_maps(images)[:3]
 
 
+@torch.no_grad()
+def fuse_batchnorm(module: nn.Module) -> nn.Module:
+    """Folds every BatchNorm2d that directly follows a Conv2d in a Sequential into that conv, in place.
+
+    For inference only (eval statistics): the same outputs up to float rounding, one op fewer per
+    layer; on 2 CPU threads BatchNorm was about a sixth of MobileNet-0.25's time.
+    """
+    for child in module.modules():
+        if not isinstance(child, nn.Sequential):
+            continue
+        for i in range(len(child) - 1):
+            conv, norm = child[i], child[i + 1]
+            if isinstance(conv, nn.Conv2d) and isinstance(norm, nn.BatchNorm2d):
+                child[i] = torch.nn.utils.fusion.fuse_conv_bn_eval(conv.eval(), norm.eval())
+                child[i + 1] = nn.Identity()
+    return module
+
+
 def prior_boxes(height: int, width: int, min_sizes: tuple[tuple[int, int], ...]) -> np.ndarray:
     """Anchors (cx, cy, w, h) in input pixels, in the order the heads emit them.
 
