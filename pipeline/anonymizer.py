@@ -47,6 +47,11 @@ class AnonymizerConfig:
     max_yaw: float = 0.45
     # Below this size a face is a few blurry pixels: a blur hides it as well as a new face would.
     min_synthetic_size: float = 12.0
+    # The detector's threshold is low so that no face is missed, and a large box with a low score
+    # is rarely a face (WIDER dev, boxes >= 100 px scoring under 0.7: 7 faces, 55 false boxes on
+    # necklaces, patterns, hands): such a box gets the blur, a soft smudge, not a generated face.
+    doubtful_size: float = 100.0
+    doubtful_score: float = 0.7
 
 
 @dataclass
@@ -206,6 +211,8 @@ class Anonymizer:
         return Replacement("blur", fallback=synthetic, seed=seed)
 
     def _why_not_synthetic(self, face: Face, target: Target) -> Fallback | None:
+        if face.size >= self.cfg.doubtful_size and face.score < self.cfg.doubtful_score:
+            return Fallback("doubtful", (("score", round(face.score, 2)),))
         if face.size < self.cfg.min_synthetic_size:
             return Fallback("too_small", (("size", self.cfg.min_synthetic_size),))
         if abs(target.yaw or 0.0) > self.cfg.max_yaw:

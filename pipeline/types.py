@@ -21,6 +21,7 @@ TREATMENTS: tuple[str, ...] = ("synthetic", "blur", "pixelate")
 # Why a face got the blur instead of a synthetic face: code -> English text (front ends translate
 # by code; the text is what the CLI's JSON reports as "fallback_reason").
 FALLBACK_REASONS: dict[str, str] = {
+    "doubtful": "large box with a low score ({score:g}): maybe not a face",
     "too_small": "face under {size:g} px",
     "profile": "profile face",
     "unreachable": "the generator cannot make {gender} {age_group} faces",

@@ -197,6 +197,19 @@ def test_a_trained_conditional_generator_plugs_in_and_is_not_trusted_unmeasured(
     assert all("cannot make" in f.replacement.to_json()["fallback_reason"] for f in faces)
 
 
+def test_a_large_box_with_a_low_score_gets_the_blur_not_a_generated_face(anonymizer, astronaut):
+    astronaut = np.repeat(np.repeat(astronaut, 2, axis=0), 2, axis=1)  # a 190 px face
+    face = anonymizer.detect(astronaut)[0]
+    assert face.size >= anonymizer.cfg.doubtful_size and face.score >= anonymizer.cfg.doubtful_score
+    confident, doubtful = copy.deepcopy(face), copy.deepcopy(face)
+    doubtful.score = anonymizer.cfg.doubtful_score - 0.2
+    anonymizer.anonymize(astronaut, [confident], keep=set(), mode="synthetic")
+    anonymizer.anonymize(astronaut, [doubtful], keep=set(), mode="synthetic")
+    assert confident.replacement.treatment == "synthetic"
+    assert doubtful.replacement.treatment == "blur" and doubtful.replacement.fallback.code == "doubtful"
+    assert "maybe not a face" in doubtful.replacement.to_json()["fallback_reason"]
+
+
 def test_bench_anonymize_reports_every_mode(capsys, model_cache, monkeypatch):
     monkeypatch.setenv("FACECHANGE_CACHE_DIR", str(model_cache))
     assert cli.main(["bench-anonymize", "--faces", "4", "--long-side", "768", "--repeats", "1"]) == 0

@@ -441,3 +441,15 @@ def test_only_faces_given_a_generated_person_can_be_rerolled_even_after_a_restar
     session = Session(sid="s", user_id=1, chat_id=1, file_id="f", lang="en", mode="synthetic", seed=1,
                       expires_at=0.0, faces=[{"number": n} for n in (1, 2, 3)], kept={3}, synthetic={2})
     assert keyboards.rerollable(Session.from_json(session.to_json())) == [2]  # 1 fell back to blur, 3 kept
+
+
+@pytest.mark.parametrize("lang", ["en", "ko"])
+def test_every_fallback_reason_has_a_caption_in_each_language(lang):
+    from bot.messages import fallback_text
+    from pipeline.types import FALLBACK_REASONS, Fallback
+
+    values = {"size": 12.0, "gender": "female", "age_group": "60+", "score": 0.52}
+    for code, english in FALLBACK_REASONS.items():
+        needed = {name: values[name] for name in values if "{" + name in english}
+        caption = fallback_text(lang, Fallback(code, tuple(needed.items())))
+        assert caption and "{" not in caption
