@@ -210,19 +210,29 @@ def extract_features(detector: RetinaFaceDetector, zip_path: Path, samples: list
                       gender=np.asarray(genders), shown=len(jobs))
 
 
+def _cached(path: Path, load, save, compute):
+    """``load(path)`` when the file exists; otherwise ``compute()``, saved whole or not at all."""
+    if path.is_file():
+        return load(path)
+    value = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f"{path.stem}.tmp{path.suffix}")
+    save(partial, value)
+    partial.replace(path)
+    return value
+
+
 def cached_features(cache: Path, key: str, compute) -> FeatureSet:
     """Features from ``cache/key.npz``, computing and saving them on a miss."""
-    path = cache / f"{key}.npz"
-    if path.is_file():
+    def load(path: Path) -> FeatureSet:
         data = np.load(path)
         return FeatureSet(data["pooled"], data["anchor"], data["age"], data["gender"], int(data["shown"]))
-    features = compute()
-    cache.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".tmp.npz")
-    np.savez(partial, pooled=features.pooled, anchor=features.anchor, age=features.age, gender=features.gender,
-             shown=features.shown)
-    partial.replace(path)
-    return features
+
+    def save(path: Path, features: FeatureSet) -> None:
+        np.savez(path, pooled=features.pooled, anchor=features.anchor, age=features.age, gender=features.gender,
+                 shown=features.shown)
+
+    return _cached(cache / f"{key}.npz", load, save, compute)
 
 
 class AnchorBaseline(nn.Module):
@@ -396,12 +406,13 @@ def evaluate_attributes(detector: RetinaFaceDetector, zip_path: Path, face_px: i
 
 # ---------------------------------------------------------------------------------------------
 # Aligned-face branch: a small CNN trained from scratch on landmark-aligned crops (see
-# attributes.AlignedAttributeHead). UTKFace crops are already aligned, so training reads the
-# centred window (the head's ``window``) of every crop (no per-image detection); at inference the face's own
-# landmarks are mapped onto the mean landmarks of that window.
+# attributes.AlignedAttributeHead). Each crop is aligned once, by the landmarks our detector finds
+# on it (or, without a detector, by UTKFace's own alignment), and training reads the centred window
+# (the head's ``window``) of every crop; at inference the face's own landmarks are mapped onto the
+# mean landmarks of that window.
 
 def store_size(head_size: int, window: float = ALIGN_WINDOW) -> int:
-    """Side at which whole 200 px crops are kept so that the alignment window is head_size px (78 for 72 over 184)."""
+    """Side at which whole 200 px crops are kept so that the window is head_size px (78 for 72 over 184)."""
     return int(round(head_size * NATIVE_CROP / window))
 
 
@@ -432,15 +443,7 @@ def detect_crop_landmarks(detector: RetinaFaceDetector, zip_path: Path, samples:
 
 def cached_landmarks(cache: Path | None, key: str, compute) -> np.ndarray:
     """Landmarks from ``cache/key.npy``, computing and saving them on a miss (no cache: always computed)."""
-    if cache is None:
-        return compute()
-    path = cache / f"{key}.npy"
-    if path.is_file():
-        return np.load(path)
-    landmarks = compute()
-    cache.mkdir(parents=True, exist_ok=True)
-    np.save(path, landmarks)
-    return landmarks
+    return compute() if cache is None else _cached(cache / f"{key}.npy", np.load, np.save, compute)
 
 
 def align_crop(crop: np.ndarray, landmarks: np.ndarray) -> np.ndarray:
@@ -568,8 +571,9 @@ def predict_aligned(head, stored: np.ndarray, batch: int = 512) -> tuple[np.ndar
 def run_aligned_training(zip_path: Path, out: Path, limit: int | None = None, eval_limit: int | None = None,
                          epochs: int = 32, seed: int = 0, batch: int = 192, lr: float = 3e-3,
                          head_size: int = ALIGN_SIZE, widths: tuple[int, ...] = ALIGN_WIDTHS,
-                         window: float = ALIGN_WINDOW, device: torch.device = torch.device("cpu"), detector: RetinaFaceDetector | None = None,
-                         cache: Path | None = None, swa_epochs: int = 0, init: Path | None = None,
+                         window: float = ALIGN_WINDOW, device: torch.device = torch.device("cpu"),
+                         detector: RetinaFaceDetector | None = None, cache: Path | None = None,
+                         swa_epochs: int = 0, init: Path | None = None,
                          command: str = "", log=print) -> dict:
     """Train AlignedAttributeHead from scratch on every training face; evaluate native and 32 px; save.
 
@@ -589,7 +593,8 @@ def run_aligned_training(zip_path: Path, out: Path, limit: int | None = None, ev
         held_points = cached_landmarks(cache, f"landmarks-heldout-{len(held_out)}",
                                        lambda: detect_crop_landmarks(detector, zip_path, held_out, log))
     crops = load_aligned_crops(zip_path, train, store=store, landmarks=train_points)
-    held = {name: load_aligned_crops(zip_path, held_out, size, store, held_points) for name, size in EVAL_SIZES.items()}
+    held = {name: load_aligned_crops(zip_path, held_out, size, store, held_points)
+            for name, size in EVAL_SIZES.items()}
     read_seconds = time.perf_counter() - start
     log(f"read {len(train)} training and {len(held_out)} held-out faces in {read_seconds:.1f} s")
     ages = torch.from_numpy(np.array([s.age for s in train], dtype=np.int64))

@@ -28,14 +28,22 @@ def _test_photo() -> np.ndarray:
     return data.astronaut()
 
 
-def _median_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up: allocator, lazy initialisation, onnxruntime session
-    times = []
+def _median_seconds(*calls, repeats: int) -> list[float]:
+    """Median seconds of each call over ``repeats`` rounds.
+
+    The calls are timed in turn within every round, so that drift in a shared machine's speed hits
+    all of them alike. Each runs once first as a warm-up (allocator, lazy initialisation,
+    onnxruntime session).
+    """
+    for call in calls:
+        call()
+    times: list[list[float]] = [[] for _ in calls]
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for call, sink in zip(calls, times):
+            start = time.perf_counter()
+            call()
+            sink.append(time.perf_counter() - start)
+    return [statistics.median(sink) for sink in times]
 
 
 def run_benchmark(detector: RetinaFaceDetector, repeats: int = 3) -> dict:
@@ -49,8 +57,11 @@ def run_benchmark(detector: RetinaFaceDetector, repeats: int = 3) -> dict:
     images["1024px-10-faces"] = crowd_photo(10)  # the heads' cost grows with the number of faces
     for name, image in images.items():
         height, width = image.shape[:2]
-        ours = _median_seconds(lambda: detector.detect(image), repeats)
-        baseline = _median_seconds(lambda: retinaface.detect_faces(image, score_threshold=threshold), repeats)
+        calls = [lambda: detector.detect(image), lambda: retinaface.detect_faces(image, score_threshold=threshold)]
+        if detector.attribute_head is not None:
+            plain_detector = detector.without_attributes()
+            calls.append(lambda: plain_detector.detect(image))
+        ours, baseline, *plain = _median_seconds(*calls, repeats=repeats)
         results["images"][name] = {
             "width": width,
             "height": height,
@@ -60,26 +71,11 @@ def run_benchmark(detector: RetinaFaceDetector, repeats: int = 3) -> dict:
             "speed_vs_baseline": round(baseline / ours, 3),
             "faces": len(detector.detect(image)),
         }
-        if detector.attribute_head is not None:
-            plain_detector = detector.without_attributes()
-            with_heads, plain = _interleaved_medians(lambda: detector.detect(image),
-                                                     lambda: plain_detector.detect(image), repeats)
-            results["images"][name]["with_attribute_heads_seconds"] = round(with_heads, 4)
-            results["images"][name]["without_attribute_heads_seconds"] = round(plain, 4)
-            results["images"][name]["attribute_heads_added_fraction"] = round(with_heads / plain - 1.0, 4)
+        if plain:
+            results["images"][name]["with_attribute_heads_seconds"] = round(ours, 4)
+            results["images"][name]["without_attribute_heads_seconds"] = round(plain[0], 4)
+            results["images"][name]["attribute_heads_added_fraction"] = round(ours / plain[0] - 1.0, 4)
     return results
-
-
-def _interleaved_medians(first, second, repeats: int) -> tuple[float, float]:
-    """Median seconds of two calls timed alternately, so drift in a shared machine's speed hits both."""
-    first(), second()
-    times: tuple[list[float], list[float]] = ([], [])
-    for _ in range(repeats):
-        for fn, sink in ((first, times[0]), (second, times[1])):
-            start = time.perf_counter()
-            fn()
-            sink.append(time.perf_counter() - start)
-    return statistics.median(times[0]), statistics.median(times[1])
 
 
 def crowd_photo(faces: int = 10, long_side: int = 1024) -> np.ndarray:
@@ -138,7 +134,7 @@ def run_anonymize_benchmark(make_anonymizer, image: np.ndarray, repeats: int = 3
         def once(mode=mode):
             last.update(run(mode))
 
-        seconds = _median_seconds(once, repeats)
+        seconds = _median_seconds(once, repeats=repeats)[0]
         results["modes"][mode] = {"seconds": round(seconds, 4), "treatments": last["treatments"],
                                   "last_run_stage_seconds": {k: round(v, 4) for k, v in last["stages"].items()}}
     if "blur" in modes and "synthetic" in modes:
