@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 
 from pipeline.detect import DetectorConfig, RetinaFaceDetector, build_detector
-from pipeline.generate import DEFAULT_GENERATOR, build_generator
+from pipeline.generate import BUILTIN_GENERATORS, DEFAULT_GENERATOR, build_generator
 from pipeline.generate.matching import LatentAxes, SyntheticFace, SyntheticFaceSource, Target
 from pipeline.runtime import cache_dir, resolve_device, set_threads
 from pipeline.select import mark_kept, number_in_reading_order
@@ -21,24 +21,23 @@ from pipeline.swap.obscure import blur_face, pixelate_face
 from pipeline.types import TREATMENTS, Face, Fallback, Replacement
 
 WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
-DEFAULT_LATENT_AXES = WEIGHTS_DIR / "dcgan_latent_axes.json"
 
 
 @dataclass(frozen=True)
 class AnonymizerConfig:
     detector: DetectorConfig = field(default_factory=DetectorConfig)
     swap: SwapConfig = field(default_factory=SwapConfig)
-    # "dcgan" (embedded default), an official StyleGAN2-ADA .pkl, or our trained .pt.
+    # "dcgan", "eigenfaces" (built in), an official StyleGAN2-ADA .pkl, or our trained .pt.
     generator: str = DEFAULT_GENERATOR
     # TL-GAN axes and measured capability of that generator (see `facechange fit-latent-axes`);
-    # None: weights/dcgan_latent_axes.json for the default, FILE.axes.json beside any other.
+    # None: weights/NAME_latent_axes.json for a built-in one, FILE.axes.json beside any other.
     latent_axes: Path | None = None
 
     def axes_path(self) -> Path:
         if self.latent_axes is not None:
             return self.latent_axes
-        if self.generator == DEFAULT_GENERATOR:
-            return DEFAULT_LATENT_AXES
+        if self.generator in BUILTIN_GENERATORS:
+            return WEIGHTS_DIR / f"{self.generator}_latent_axes.json"
         return Path(self.generator).with_suffix(".axes.json")
     device: str = "auto"
     threads: int | None = None

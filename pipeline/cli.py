@@ -11,6 +11,7 @@ from typing import IO
 
 from pipeline.weights import CheckpointError
 from pipeline.detect import DetectorConfig, DetectorSettings, RetinaFaceDetector, build_detector
+from pipeline.generate import DEFAULT_GENERATOR
 from pipeline.image_io import ImageError, load_image, save_image
 from pipeline.render import draw_numbered_faces
 from pipeline.runtime import cache_dir, resolve_device, set_threads
@@ -89,9 +90,9 @@ def cmd_detect(args: argparse.Namespace) -> int:
 
 def _add_swap_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("generator and face swap")
-    group.add_argument("--generator", default="dcgan",
-                       help="dcgan (embedded), an official StyleGAN2-ADA .pkl, or a trained .pt; its measured "
-                            "capability is read from GENERATOR.axes.json (facechange fit-latent-axes)")
+    group.add_argument("--generator", default=DEFAULT_GENERATOR,
+                       help="eigenfaces (default) or dcgan (built in), an official StyleGAN2-ADA .pkl, or a trained "
+                            ".pt; its measured capability is read from GENERATOR.axes.json (fit-latent-axes)")
     group.add_argument("--swap-backend", choices=("blend", "simswap", "inswapper"), default="blend",
                        help="blend: embedded default; simswap / inswapper: official weights you supply")
     group.add_argument("--simswap-checkpoint", metavar="latest_net_G.pth")
@@ -239,13 +240,13 @@ def cmd_swap_aligned(args: argparse.Namespace) -> int:
 
 
 def cmd_generate_matched(args: argparse.Namespace) -> int:
-    """The embedded default generator, steered to a gender and age group and verified by our heads."""
+    """A built-in generator (--generator), matched to a gender and age group and verified by our heads."""
     import numpy as np
 
     from pipeline.anonymizer import Anonymizer, AnonymizerConfig
     from pipeline.generate.matching import Target
 
-    anonymizer = Anonymizer(AnonymizerConfig(device=args.device, threads=args.threads))
+    anonymizer = Anonymizer(AnonymizerConfig(generator=args.generator, device=args.device, threads=args.threads))
     target = Target(args.gender, args.age_group)
     tiles, records, taken = [], [], set()
     for i in range(args.count):
@@ -255,7 +256,9 @@ def cmd_generate_matched(args: argparse.Namespace) -> int:
         records.append({"seed": args.seed + i, "made": face is not None,
                         **({"gender": face.face.gender, "age_group": face.face.age_group, "pool_index": face.index,
                             "latent": [round(float(v), 5) for v in face.latent]} if face else {})})
-        tiles.append(face.image if face else np.full((64, 64, 3), 127, np.uint8))
+        tiles.append(face.image if face else None)
+    side = next((t.shape[0] for t in tiles if t is not None), 64)
+    tiles = [t if t is not None else np.full((side, side, 3), 127, np.uint8) for t in tiles]
     columns = min(8, len(tiles))
     rows = -(-len(tiles) // columns)
     tiles += [np.zeros_like(tiles[0])] * (rows * columns - len(tiles))
@@ -312,12 +315,16 @@ def cmd_fit_latent_axes(args: argparse.Namespace) -> int:
     return 0
 
 
+GENERATOR_NAMES = {"dcgan": "dcgan (gan-face-generate 1.1.1) + TL-GAN axes",
+                   "eigenfaces": "eigenfaces (ours, UTKFace, a Gaussian per gender x age group, pose-conditioned)"}
+
+
 def cmd_eval_generator(args: argparse.Namespace) -> int:
     from pipeline.anonymizer import Anonymizer, AnonymizerConfig
     from pipeline.eval.generator import evaluate_generator, utkface_reference_embeddings
     from pipeline.eval.identity import IdentityEmbedder
 
-    anonymizer = Anonymizer(AnonymizerConfig(device=args.device, threads=args.threads))
+    anonymizer = Anonymizer(AnonymizerConfig(generator=args.generator, device=args.device, threads=args.threads))
     embedder = IdentityEmbedder(Path(args.arcface))
 
     def main_face_landmarks(image):
@@ -327,7 +334,7 @@ def cmd_eval_generator(args: argparse.Namespace) -> int:
     reference = utkface_reference_embeddings(Path(args.utkface), embedder, main_face_landmarks, args.reference)
     report = evaluate_generator(anonymizer.faces_source, embedder, reference, per_target=args.per_target,
                                 seed=args.seed)
-    report["generator"] = "dcgan (gan-face-generate 1.1.1) + TL-GAN axes"
+    report["generator"] = GENERATOR_NAMES.get(args.generator, args.generator)
     _print_report(report, args.json_out)
     return 0
 
@@ -398,6 +405,22 @@ def cmd_train_attributes(args: argparse.Namespace) -> int:
         report = run_training(detector, Path(args.utkface), Path(args.out), feature_cache, views=args.views,
                               limit=args.limit, eval_limit=args.eval_limit, epochs=args.epochs, seed=args.seed,
                               command=command, log=log)
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def cmd_train_eigenfaces(args: argparse.Namespace) -> int:
+    from pipeline.generate.train_eigenfaces import run_eigenface_training
+
+    set_threads(args.threads)
+    command = (f"facechange train-eigenfaces --utkface {args.utkface} --out {args.out} "
+               f"--resolution {args.resolution} --components {args.components} --seed {args.seed}"
+               + (f" --limit {args.limit}" if args.limit else ""))
+    detector = build_detector(DetectorConfig(attribute_weights=None), resolve_device(args.device), cache_dir())
+    cache = Path(args.cache_dir) if args.cache_dir else cache_dir() / "attribute-features"
+    report = run_eigenface_training(Path(args.utkface), Path(args.out), detector, args.resolution, args.components,
+                                    args.limit, args.seed, cache, command,
+                                    log=lambda line: print(line, file=sys.stderr, flush=True))
     print(json.dumps(report, indent=2))
     return 0
 
@@ -514,6 +537,8 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--weights", metavar="FILE.pkl",
                           help="NVIDIA stylegan2-ada-pytorch pickle (network-snapshot-*.pkl, ffhq.pkl); no code in "
                                "it runs. Without it: the embedded default generator, matched to --gender/--age-group")
+    generate.add_argument("--generator", default=DEFAULT_GENERATOR,
+                          help="without --weights: the generator to match with (eigenfaces, dcgan, a .pt)")
     generate.add_argument("--gender", choices=("male", "female"), help="default generator: target gender")
     generate.add_argument("--age-group", choices=("0-9", "10-29", "30-59", "60+"),
                           help="default generator: target age group")
@@ -532,6 +557,8 @@ def build_parser() -> argparse.ArgumentParser:
     eval_gen = commands.add_parser("eval-generator", help="hit rate, detection, diversity, identity Frechet distance")
     eval_gen.add_argument("--arcface", required=True, metavar="ONNX", help="identity model")
     eval_gen.add_argument("--utkface", required=True, metavar="ZIP", help="held-out real faces for the distance")
+    eval_gen.add_argument("--generator", default=DEFAULT_GENERATOR,
+                          help="eigenfaces, dcgan, an official .pkl or a trained .pt")
     eval_gen.add_argument("--per-target", type=int, default=16)
     eval_gen.add_argument("--reference", type=int, default=400, help="held-out UTKFace faces to embed")
     eval_gen.add_argument("--seed", type=int, default=0)
@@ -545,7 +572,8 @@ def build_parser() -> argparse.ArgumentParser:
     fit_axes.add_argument("--samples", type=int, default=2000)
     fit_axes.add_argument("--per-target", type=int, default=12, help="pool faces per target the independent judge grades")
     fit_axes.add_argument("--seed", type=int, default=0)
-    fit_axes.add_argument("--generator", default="dcgan", help="dcgan, an official .pkl or a trained .pt")
+    fit_axes.add_argument("--generator", default=DEFAULT_GENERATOR,
+                          help="eigenfaces, dcgan, an official .pkl or a trained .pt")
     fit_axes.add_argument("--out", metavar="FILE.json",
                           help="default: weights/dcgan_latent_axes.json, or GENERATOR.axes.json beside another")
     fit_axes.add_argument("--judge-arcface", metavar="ONNX",
@@ -584,6 +612,20 @@ def build_parser() -> argparse.ArgumentParser:
     train_attributes.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     train_attributes.add_argument("--threads", type=int, default=None, help="CPU threads")
     train_attributes.set_defaults(handler=cmd_train_attributes)
+
+    train_eigenfaces = commands.add_parser(
+        "train-eigenfaces", help="fit the eigenface generator (a Gaussian per gender x age group) on UTKFace")
+    train_eigenfaces.add_argument("--utkface", required=True, metavar="ZIP", help="UTKFace aligned & cropped zip")
+    train_eigenfaces.add_argument("--out", default="weights/eigenfaces_utkface.pt", metavar="FILE.pt")
+    train_eigenfaces.add_argument("--resolution", type=int, default=96, help="side of the generated faces")
+    train_eigenfaces.add_argument("--components", type=int, default=192, help="principal components kept")
+    train_eigenfaces.add_argument("--limit", type=int, default=None, help="fit on N training faces")
+    train_eigenfaces.add_argument("--seed", type=int, default=0)
+    train_eigenfaces.add_argument("--cache-dir", metavar="DIR",
+                                  help="landmark cache, shared with train-attributes (default: the user cache)")
+    train_eigenfaces.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    train_eigenfaces.add_argument("--threads", type=int, default=None, help="CPU threads")
+    train_eigenfaces.set_defaults(handler=cmd_train_eigenfaces)
 
     eval_attributes = commands.add_parser(
         "eval-attributes", help="held-out UTKFace gender/age metrics through detect() itself")

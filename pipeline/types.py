@@ -61,6 +61,23 @@ class Replacement:
         return record
 
 
+def landmark_pose(landmarks: np.ndarray) -> tuple[float, float]:
+    """(yaw, pitch) estimated from 5 landmarks, both about -0.5..0.5, 0 when frontal.
+
+    yaw: horizontal offset of the nose from the eyes' midpoint over the eye distance (positive
+    when the nose points to image-right); pitch: where the nose sits between the eye line and
+    the mouth line, relative to a frontal face's ~0.5.
+    """
+    left_eye, right_eye, nose, left_mouth, right_mouth = landmarks
+    eyes = (left_eye + right_eye) / 2
+    mouth = (left_mouth + right_mouth) / 2
+    eye_distance = max(float(np.linalg.norm(right_eye - left_eye)), 1e-3)
+    yaw = float(nose[0] - eyes[0]) / eye_distance
+    span = float(mouth[1] - eyes[1])
+    pitch = float(nose[1] - eyes[1]) / span - 0.55 if abs(span) > 1e-3 else 0.0
+    return yaw, pitch
+
+
 @dataclass
 class Face:
     """One detected face in image pixel coordinates (x to the right, y down)."""
@@ -88,20 +105,7 @@ class Face:
 
     @property
     def pose(self) -> tuple[float, float]:
-        """(yaw, pitch) estimated from the 5 landmarks, both about -0.5..0.5, 0 when frontal.
-
-        yaw: horizontal offset of the nose from the eyes' midpoint over the eye distance
-        (positive when the nose points to image-right); pitch: where the nose sits between the
-        eye line and the mouth line, relative to a frontal face's ~0.5.
-        """
-        left_eye, right_eye, nose, left_mouth, right_mouth = self.landmarks
-        eyes = (left_eye + right_eye) / 2
-        mouth = (left_mouth + right_mouth) / 2
-        eye_distance = max(float(np.linalg.norm(right_eye - left_eye)), 1e-3)
-        yaw = float(nose[0] - eyes[0]) / eye_distance
-        span = float(mouth[1] - eyes[1])
-        pitch = float(nose[1] - eyes[1]) / span - 0.55 if abs(span) > 1e-3 else 0.0
-        return yaw, pitch
+        return landmark_pose(self.landmarks)
 
     @property
     def size(self) -> float:

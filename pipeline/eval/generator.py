@@ -53,10 +53,23 @@ def utkface_reference_embeddings(zip_path: Path, embedder: IdentityEmbedder, det
     return np.stack(embeddings)
 
 
+def _mean_of(targets: dict, key: str) -> float | None:
+    values = [t[key] for t in targets.values() if t[key] is not None]
+    return round(float(np.mean(values)), 4) if values else None
+
+
 def evaluate_generator(source: SyntheticFaceSource, embedder: IdentityEmbedder, reference: np.ndarray,
                        per_target: int = 16, raw_samples: int = 64, seed: int = 0) -> dict:
-    # Raw quality, before any steering or verification: what the generator gives by itself.
-    raw = source.analyzer(source.sample(np.random.RandomState(seed).randn(raw_samples, source.generator.z_dim)))
+    # Raw quality, before any steering or verification: what the generator gives by itself
+    # (a conditional one gets every class in turn).
+    latents = np.random.RandomState(seed).randn(raw_samples, source.generator.z_dim)
+    if source.conditional:
+        classes = [Target(gender, group) for gender in GENDERS for group in AGE_GROUPS]
+        images = [image for i, target in enumerate(classes)
+                  for image in source.sample(latents[i::len(classes)], target)]
+    else:
+        images = source.sample(latents)
+    raw = source.analyzer(images)
     detected = [f for f in raw if f is not None]
     report: dict = {"raw": {"samples": raw_samples, "detection_rate": round(len(detected) / raw_samples, 4),
                             "mean_score": round(float(np.mean([f.score for f in detected])), 4) if detected else None},
@@ -73,6 +86,9 @@ def evaluate_generator(source: SyntheticFaceSource, embedder: IdentityEmbedder, 
             report["targets"][target.key] = {
                 # latents steered to the target that our heads then judged on target
                 "hit_rate": round(pool.hit_rate, 4),
+                # each attribute on its own, among the detected draws (the hit-rate targets)
+                "gender_hit_rate": round(pool.gender_met / pool.detected, 4) if pool.detected else None,
+                "age_group_hit_rate": round(pool.age_met / pool.detected, 4) if pool.detected else None,
                 "steered_samples": pool.draws,
                 "steered_detection_rate": round(pool.detected / pool.draws, 4) if pool.draws else None,
                 "declared_reachable": source.can_make(target),
@@ -84,6 +100,8 @@ def evaluate_generator(source: SyntheticFaceSource, embedder: IdentityEmbedder, 
     hits = [t["hit_rate"] for t in report["targets"].values()]
     report["overall"] = {
         "hit_rate": round(float(np.mean(hits)), 4),
+        "gender_hit_rate": _mean_of(report["targets"], "gender_hit_rate"),
+        "age_group_hit_rate": _mean_of(report["targets"], "age_group_hit_rate"),
         "faces": int(len(generated)),
         "mean_pairwise_identity_similarity": mean_pairwise_similarity(generated),
         "reference_pairwise_identity_similarity": mean_pairwise_similarity(reference),
