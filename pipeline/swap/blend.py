@@ -106,6 +106,15 @@ def poisson_blend(face: np.ndarray, window: np.ndarray, weight: np.ndarray) -> n
     return cv2.seamlessClone(face, window, region, center, cv2.NORMAL_CLONE)
 
 
+def _edge_ramp(shape: tuple[int, int], fraction: float) -> np.ndarray:
+    """1 inside, falling linearly to 0 at the border over ``fraction`` of the shorter side."""
+    height, width = shape
+    fade = max(1.0, fraction * min(height, width))
+    ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
+    distance = np.minimum(np.minimum(xs + 0.5, width - 0.5 - xs), np.minimum(ys + 0.5, height - 0.5 - ys))
+    return np.clip(distance / fade, 0.0, 1.0)
+
+
 def paste_synthetic(image: np.ndarray, target: Face, synthetic: np.ndarray, synthetic_landmarks: np.ndarray,
                     mask: np.ndarray, rng: np.random.Generator, blend: str = "feather") -> None:
     """Replace the target face in ``image`` (in place) by the aligned, matched synthetic face."""
@@ -119,13 +128,14 @@ def paste_synthetic(image: np.ndarray, target: Face, synthetic: np.ndarray, synt
     if scale < 0.8:  # shrinking: low-pass first so the warp does not alias
         source = cv2.GaussianBlur(synthetic, (0, 0), 0.45 / scale)
     warped = cv2.warpAffine(source, matrix, (width, height), flags=cv2.INTER_CUBIC, borderMode=cv2.BORDER_REFLECT)
+    # Only where the synthetic image really is (its reflected border is no face), fading out over
+    # its outer tenth: a face framed tightly (forehead cut at the top) must not end in a hard line.
+    coverage = cv2.warpAffine(_edge_ramp(synthetic.shape[:2], 0.1), matrix, (width, height),
+                              flags=cv2.INTER_LINEAR, borderValue=0.0)
     if scale > 1.5:  # enlarging a small generated face: restore some edge contrast the upscale lost
         soft = cv2.GaussianBlur(warped, (0, 0), 0.5 * scale)
         warped = cv2.addWeighted(warped, 1.6, soft, -0.6, 0)
-    coverage = cv2.warpAffine(np.ones(synthetic.shape[:2], np.float32), matrix, (width, height),
-                              flags=cv2.INTER_LINEAR, borderValue=0.0)
-    # Only where the synthetic image really is: its reflected border is no face.
-    weight = mask[rows, cols] * np.clip((coverage - 0.5) * 2, 0, 1)
+    weight = mask[rows, cols] * coverage
     core = (weight > 0.5).astype(np.float32)
     if core.sum() < 4:
         return
