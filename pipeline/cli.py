@@ -256,9 +256,7 @@ def cmd_generate_matched(args: argparse.Namespace) -> int:
         records.append({"seed": args.seed + i, "made": face is not None,
                         **({"gender": face.face.gender, "age_group": face.face.age_group, "pool_index": face.index,
                             "latent": [round(float(v), 5) for v in face.latent]} if face else {})})
-        tiles.append(face.image if face else None)
-    side = next((t.shape[0] for t in tiles if t is not None), 64)
-    tiles = [t if t is not None else np.full((side, side, 3), 127, np.uint8) for t in tiles]
+        tiles.append(face.image if face else np.full((anonymizer.faces_source.resolution,) * 2 + (3,), 127, np.uint8))
     columns = min(8, len(tiles))
     rows = -(-len(tiles) // columns)
     tiles += [np.zeros_like(tiles[0])] * (rows * columns - len(tiles))
@@ -289,7 +287,7 @@ def cmd_fit_latent_axes(args: argparse.Namespace) -> int:
     if args.judge_arcface:
         # Graded by an independent judge, not by the heads that steered and verified the faces.
         from pipeline.eval.identity import IdentityEmbedder
-        from pipeline.eval.judge import fit_judge, judged_capability
+        from pipeline.eval.judge import fit_judge, judged_capability, real_face_agreement
 
         embedder = IdentityEmbedder(Path(args.judge_arcface))
 
@@ -301,11 +299,17 @@ def cmd_fit_latent_axes(args: argparse.Namespace) -> int:
         report["judge_held_out"] = judge.held_out
         judged = judged_capability(source, embedder, judge, per_target=args.per_target)
         report["judged_capability"] = judged
+        ceiling = real_face_agreement(Path(args.utkface), embedder, judge, main_face_landmarks, source.resolution)
+        report["judge_on_real_faces_at_generator_size"] = ceiling
         # Both judges are imperfect (our heads are fooled by rendered faces, the probe is weak on
-        # gender): a target counts only where our heads meet it and the probe confirmed some.
-        source.axes.capability = {k: (v if judged[k] > 0 else 0.0) for k, v in source.axes.capability.items()}
+        # gender and, at generator sizes, on age): a target is vetoed where the probe confirmed
+        # none of the pool faces although it would have confirmed at least 3 real faces of it.
+        vetoed = [k for k in judged if judged[k] == 0 and (ceiling[k] or 0.0) * args.per_target >= 3]
+        source.axes.capability = {k: (0.0 if k in vetoed else v) for k, v in source.axes.capability.items()}
+        report["vetoed_by_judge"] = vetoed
         source.axes.capability_judge = (f"own heads' hit rate, zeroed where a linear probe on ArcFace embeddings "
-                                        f"(held-out {judge.held_out}) confirmed none of {args.per_target} faces")
+                                        f"(held-out {judge.held_out}) confirmed none of {args.per_target} faces "
+                                        f"but would confirm 3 or more real faces of the target at this size")
     out = cfg.axes_path()
     source.axes.save(out)
     report.update({"out": str(out), "fitted_on": source.axes.fitted_on,

@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 from scipy import linalg
 
-from pipeline.detect.train_attributes import is_held_out, read_utkface
+from pipeline.detect.train_attributes import split_utkface
 from pipeline.eval.identity import IdentityEmbedder
 from pipeline.generate.matching import SyntheticFaceSource, Target
 from pipeline.types import AGE_GROUPS, GENDERS
@@ -41,7 +41,7 @@ def mean_pairwise_similarity(embeddings: np.ndarray) -> float | None:
 def utkface_reference_embeddings(zip_path: Path, embedder: IdentityEmbedder, detect_landmarks,
                                  limit: int = 400) -> np.ndarray:
     """Identity embeddings of the first ``limit`` held-out UTKFace faces (padded, then detected)."""
-    samples = [s for s in read_utkface(zip_path) if is_held_out(s)][:limit]
+    samples = split_utkface(zip_path, None, limit, 0)[1]  # hash order: names start with the age
     embeddings = []
     with zipfile.ZipFile(zip_path) as archive:
         for sample in samples:

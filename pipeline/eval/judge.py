@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.detect.train_attributes import is_held_out, read_utkface
+from pipeline.detect.train_attributes import is_held_out, read_utkface, split_utkface
 from pipeline.eval.identity import IdentityEmbedder
 from pipeline.types import AGE_GROUPS, GENDERS
 
@@ -63,7 +63,7 @@ def fit_judge(zip_path: Path, embedder: IdentityEmbedder, detect_landmarks, trai
     samples = read_utkface(zip_path)
     rng = np.random.default_rng(0)
     train = [samples[i] for i in rng.permutation(len(samples)) if not is_held_out(samples[i])][:train_faces]
-    test = [s for s in samples if is_held_out(s)][:test_faces]
+    test = split_utkface(zip_path, None, test_faces, 0)[1]  # hash order: names start with the age
 
     def embed_all(chosen):
         embeddings, genders, groups = [], [], []
@@ -89,6 +89,40 @@ def fit_judge(zip_path: Path, embedder: IdentityEmbedder, detect_landmarks, trai
         "age_group_accuracy": round(float(np.mean(np.array([AGE_GROUPS.index(s) for s in groups]) == at)), 4),
     }
     return judge
+
+
+def real_face_agreement(zip_path: Path, embedder: IdentityEmbedder, judge: EmbeddingJudge, detect_landmarks,
+                        resolution: int, faces: int = 800) -> dict[str, float | None]:
+    """How often the judge gets gender and age group both right on real held-out faces shown to it
+    as a generator shows its faces: aligned to the generator template at ``resolution`` px.
+
+    This is the judge's ceiling for a generator of that resolution: at 96 px it sees the age of
+    only 12% of real people over 60 (against 83% age-group accuracy overall on 200 px crops), so
+    "the judge confirmed none of 12 faces over 60" says nothing about the generator there.
+    """
+    from pipeline.generate.dataset import align, face_template
+    from pipeline.generate.matching import Target
+
+    template = face_template(resolution)
+    held_out = split_utkface(zip_path, None, faces, 0)[1]
+    embeddings, keys = [], []
+    with zipfile.ZipFile(zip_path) as archive:
+        for sample in held_out:
+            crop = np.asarray(Image.open(io.BytesIO(archive.read(sample.member))).convert("RGB"))
+            landmarks = detect_landmarks(np.pad(crop, ((50, 50), (50, 50), (0, 0)), constant_values=127))
+            if landmarks is None:
+                continue
+            aligned = align(crop, landmarks - 50, template, resolution)
+            embeddings.append(embedder.embed(aligned, [template])[0])
+            keys.append(Target(GENDERS[sample.gender], AGE_GROUPS[age_group_index(sample.age)]).key)
+    genders, groups = judge.judge(np.stack(embeddings))
+    agreement = {}
+    for gender in GENDERS:
+        for group in AGE_GROUPS:
+            key = Target(gender, group).key
+            hits = [g == gender and a == group for g, a, k in zip(genders, groups, keys) if k == key]
+            agreement[key] = round(float(np.mean(hits)), 4) if hits else None
+    return agreement
 
 
 def judged_capability(source, embedder: IdentityEmbedder, judge: EmbeddingJudge, per_target: int = 16

@@ -233,6 +233,12 @@ class SyntheticFaceSource:
             return False  # never measured: an unverified generator must not replace a child's face
         return self.axes.capability.get(target.key, 0.0) >= REACHABLE_HIT_RATE
 
+    @property
+    def resolution(self) -> int:
+        """Side of the generated images, in pixels."""
+        target = Target(GENDERS[0], AGE_GROUPS[0]) if self.conditional else Target()
+        return self.sample(np.zeros((1, self.generator.z_dim)), target)[0].shape[0]
+
     def label(self, target: Target, count: int) -> torch.Tensor | None:
         """A conditional generator's one-hot class (gender x age group, as it was trained)."""
         if not self.conditional:
