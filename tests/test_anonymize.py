@@ -298,3 +298,24 @@ def test_a_face_cut_by_the_border_is_treated_and_nothing_else_moves(anonymizer, 
     for f in faces:
         outside &= _outside(f, cut.shape[:2])
     assert not changed[outside].any()
+
+
+def test_a_generated_face_gets_the_jpeg_blocking_of_the_photo_around_it(anonymizer, astronaut, monkeypatch):
+    import cv2
+
+    import pipeline.swap.blend as blend
+
+    encoded = cv2.imencode(".jpg", astronaut[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, 30])[1]
+    photo = np.ascontiguousarray(cv2.imdecode(encoded, cv2.IMREAD_COLOR)[:, :, ::-1])
+    faces = anonymizer.detect(photo)
+    x1, y1, x2, y2 = faces[0].box.astype(int)
+
+    def face_blocking(image):
+        return blend.blockiness(cv2.cvtColor(image[y1:y2, x1:x2], cv2.COLOR_RGB2GRAY), x1, y1)
+
+    matched = anonymizer.anonymize(photo, copy.deepcopy(faces), keep=set(), seed=1)
+    monkeypatch.setattr(blend, "JPEG_VISIBLE", float("inf"))
+    clean = anonymizer.anonymize(photo, copy.deepcopy(faces), keep=set(), seed=1)
+    assert face_blocking(photo) > 1.4  # quality 30 blocks show
+    assert abs(face_blocking(matched) - face_blocking(photo)) < 0.08
+    assert face_blocking(clean) < face_blocking(photo) - 0.1  # a smooth face would be the one clean patch

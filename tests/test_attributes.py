@@ -120,3 +120,16 @@ def test_align_crop_puts_the_detected_landmarks_on_the_template():
     for x, y in mean:
         assert aligned[int(round(y)), int(round(x))].min() > 200
     assert aligned.sum() > 0 and np.array_equal(align_crop(crop, np.full((5, 2), np.nan, np.float32)), crop)
+
+
+def test_gender_weight_scales_only_the_gender_term():
+    import torch.nn.functional as F
+
+    from pipeline.detect.train_attributes import attribute_loss
+
+    torch.manual_seed(0)
+    outputs = (torch.randn(6, 2), torch.randn(6, 4), torch.randn(6, 101))
+    age, gender = torch.tensor([3, 15, 25, 40, 65, 80]), torch.tensor([0, 1, 0, 1, 0, 1])
+    gender_term = F.cross_entropy(outputs[0], gender)
+    base = attribute_loss(outputs, age, gender)
+    assert torch.allclose(attribute_loss(outputs, age, gender, gender_weight=2.0), base + gender_term)

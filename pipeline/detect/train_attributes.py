@@ -248,8 +248,9 @@ class AnchorBaseline(nn.Module):
 
 
 def attribute_loss(outputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor], age: torch.Tensor,
-                   gender: torch.Tensor, sigma: float = 2.5) -> torch.Tensor:
-    """CE on gender and age group, plus a Gaussian label distribution (DLDL) and L1 on the age expectation."""
+                   gender: torch.Tensor, sigma: float = 2.5, gender_weight: float = 1.0) -> torch.Tensor:
+    """CE on gender (times ``gender_weight``) and age group, plus a Gaussian label distribution
+    (DLDL) and L1 on the age expectation."""
     gender_logits, group_logits, bin_logits = outputs
     clipped = age.clamp(max=MAX_AGE).float()
     group = torch.bucketize(clipped, torch.tensor([10.0, 30.0, 60.0], device=age.device), right=True)
@@ -257,7 +258,8 @@ def attribute_loss(outputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor], age
     target = torch.softmax(-((bins[None] - clipped[:, None]) ** 2) / (2 * sigma**2), dim=1)
     bin_loss = -(target * F.log_softmax(bin_logits, 1)).sum(1).mean()
     l1 = (expected_age(bin_logits) - clipped).abs().mean()
-    return F.cross_entropy(gender_logits, gender) + F.cross_entropy(group_logits, group) + bin_loss + 0.1 * l1
+    return gender_weight * F.cross_entropy(gender_logits, gender) + F.cross_entropy(group_logits, group) \
+        + bin_loss + 0.1 * l1
 
 
 def train_head(model: nn.Module, x: np.ndarray, age: np.ndarray, gender: np.ndarray, epochs: int,
@@ -573,7 +575,7 @@ def run_aligned_training(zip_path: Path, out: Path, limit: int | None = None, ev
                          head_size: int = ALIGN_SIZE, widths: tuple[int, ...] = ALIGN_WIDTHS,
                          window: float = ALIGN_WINDOW, device: torch.device = torch.device("cpu"),
                          detector: RetinaFaceDetector | None = None, cache: Path | None = None,
-                         swa_epochs: int = 0, init: Path | None = None,
+                         swa_epochs: int = 0, init: Path | None = None, gender_weight: float = 1.0,
                          command: str = "", log=print) -> dict:
     """Train AlignedAttributeHead from scratch on every training face; evaluate native and 32 px; save.
 
@@ -623,7 +625,8 @@ def run_aligned_training(zip_path: Path, out: Path, limit: int | None = None, ev
     def run_epoch(step_schedule: bool) -> float:
         total = 0.0
         for idx, x in batches():
-            loss = attribute_loss(head(x), ages[idx].to(device), genders[idx].to(device), sigma=3.0)
+            loss = attribute_loss(head(x), ages[idx].to(device), genders[idx].to(device), sigma=3.0,
+                                  gender_weight=gender_weight)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
