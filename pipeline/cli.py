@@ -325,7 +325,7 @@ GENERATOR_NAMES = {"dcgan": "dcgan (gan-face-generate 1.1.1) + TL-GAN axes",
 
 def cmd_eval_generator(args: argparse.Namespace) -> int:
     from pipeline.anonymizer import Anonymizer, AnonymizerConfig
-    from pipeline.eval.generator import evaluate_generator, utkface_reference_embeddings
+    from pipeline.eval.generator import evaluate_generator, utkface_embeddings
     from pipeline.eval.identity import IdentityEmbedder
 
     anonymizer = Anonymizer(AnonymizerConfig(generator=args.generator, device=args.device, threads=args.threads))
@@ -335,9 +335,11 @@ def cmd_eval_generator(args: argparse.Namespace) -> int:
         faces = anonymizer.detector.detect(image, threshold=0.5)
         return max(faces, key=lambda f: f.score).landmarks if faces else None
 
-    reference = utkface_reference_embeddings(Path(args.utkface), embedder, main_face_landmarks, args.reference)
+    reference = utkface_embeddings(Path(args.utkface), embedder, main_face_landmarks, args.reference)
+    training = utkface_embeddings(Path(args.utkface), embedder, main_face_landmarks, args.training_faces,
+                                  held_out=False) if args.training_faces else None
     report = evaluate_generator(anonymizer.faces_source, embedder, reference, per_target=args.per_target,
-                                seed=args.seed)
+                                seed=args.seed, training=training, threshold=args.identity_threshold)
     report["generator"] = GENERATOR_NAMES.get(args.generator, args.generator)
     _print_report(report, args.json_out)
     return 0
@@ -567,6 +569,10 @@ def build_parser() -> argparse.ArgumentParser:
                           help="eigenfaces, dcgan, an official .pkl or a trained .pt")
     eval_gen.add_argument("--per-target", type=int, default=16)
     eval_gen.add_argument("--reference", type=int, default=400, help="held-out UTKFace faces to embed")
+    eval_gen.add_argument("--training-faces", type=int, default=2000,
+                          help="training faces to compare generated faces with (0: skip)")
+    eval_gen.add_argument("--identity-threshold", type=float, default=0.3369,
+                          help="same-person threshold (eval-anonymize's, FAR 1e-3 on CelebA)")
     eval_gen.add_argument("--seed", type=int, default=0)
     eval_gen.add_argument("--json-out", metavar="FILE.json")
     eval_gen.add_argument("--device", default="auto")

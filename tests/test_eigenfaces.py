@@ -115,3 +115,34 @@ def test_train_eigenfaces_cli_on_a_subset(tmp_path, capsys, model_cache, monkeyp
     assert model.resolution == 32 and model.z_dim == 12
     images = model(torch.randn(NUM_CLASSES, 12), torch.eye(NUM_CLASSES))
     assert images.shape == (NUM_CLASSES, 3, 32, 32) and images.abs().max().item() < 1.6
+
+
+def test_resemblance_counts_generated_faces_that_match_a_training_person():
+    from pipeline.eval.generator import resemblance_to_training
+
+    rng = np.random.default_rng(0)
+    training = rng.normal(size=(50, 16))
+    training /= np.linalg.norm(training, axis=1, keepdims=True)
+    strangers = rng.normal(size=(20, 16))
+    strangers /= np.linalg.norm(strangers, axis=1, keepdims=True)
+    copies = np.concatenate([training[:5], strangers[:15]])  # a quarter reproduce training people
+    report = resemblance_to_training(copies, strangers, training, threshold=0.9)
+    assert report["generated_matching_a_training_person"] == 0.25
+    assert report["held_out_matching_a_training_person"] == 0.0
+    assert report["generated_nearest_similarity"]["max"] > 0.99 > report["held_out_nearest_similarity"]["max"]
+
+
+def test_eval_generator_cli_reports_every_target_and_resemblance(tmp_path, capsys, model_cache, monkeypatch):
+    arcface = shared_path("models/arcface_mobilefacenet.onnx")
+    zip_path = shared_path("data/utkface.zip")
+    monkeypatch.setenv("FACECHANGE_CACHE_DIR", str(model_cache))
+    out = tmp_path / "generator.json"
+    assert cli.main(["eval-generator", "--arcface", str(arcface), "--utkface", str(zip_path), "--per-target", "2",
+                     "--reference", "24", "--training-faces", "40", "--json-out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["generator"].startswith("eigenfaces")
+    assert len(report["targets"]) == 8 and all(t["declared_reachable"] for t in report["targets"].values())
+    assert report["raw"]["detection_rate"] >= 0.9
+    assert 0 <= report["overall"]["gender_hit_rate"] <= 1 and report["overall"]["faces"] == 16
+    resemblance = report["resemblance_to_training_people"]
+    assert resemblance["training_faces"] >= 35 and 0 <= resemblance["generated_matching_a_training_person"] <= 1

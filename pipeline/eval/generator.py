@@ -2,8 +2,11 @@
 
 Per gender x age-group target: how often a verified face is made (attribute hit rate), how our
 detector sees the generated faces (detection rate, mean score), how varied they are (mean
-pairwise identity similarity: lower is more diverse), and the Fréchet distance between the
-identity embeddings of generated faces and of held-out real UTKFace faces.
+pairwise identity similarity: lower is more diverse), the Fréchet distance between the
+identity embeddings of generated faces and of held-out real UTKFace faces, and whether generated
+faces resemble real training people (a model fitted on real faces could reproduce one): how
+often a generated face's nearest training face is above the identity threshold, beside the same
+rate for held-out real people, who are strangers to the training set.
 """
 
 from __future__ import annotations
@@ -25,8 +28,7 @@ from pipeline.types import AGE_GROUPS, GENDERS
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     mu_a, mu_b = a.mean(axis=0), b.mean(axis=0)
     cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    covmean, _ = linalg.sqrtm(cov_a @ cov_b, disp=False)
-    covmean = covmean.real
+    covmean = np.real(linalg.sqrtm(cov_a @ cov_b))
     return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a + cov_b - 2 * covmean))
 
 
@@ -38,10 +40,12 @@ def mean_pairwise_similarity(embeddings: np.ndarray) -> float | None:
     return float(sim[upper].mean())
 
 
-def utkface_reference_embeddings(zip_path: Path, embedder: IdentityEmbedder, detect_landmarks,
-                                 limit: int = 400) -> np.ndarray:
-    """Identity embeddings of the first ``limit`` held-out UTKFace faces (padded, then detected)."""
-    samples = split_utkface(zip_path, None, limit, 0)[1]  # hash order: names start with the age
+def utkface_embeddings(zip_path: Path, embedder: IdentityEmbedder, detect_landmarks, limit: int = 400,
+                       held_out: bool = True) -> np.ndarray:
+    """Identity embeddings of ``limit`` UTKFace faces (padded, then detected): the first held-out
+    ones in hash order, or a seeded random draw of training faces."""
+    train, held = split_utkface(zip_path, limit if not held_out else None, limit if held_out else 0, 0)
+    samples = held if held_out else train
     embeddings = []
     with zipfile.ZipFile(zip_path) as archive:
         for sample in samples:
@@ -53,13 +57,34 @@ def utkface_reference_embeddings(zip_path: Path, embedder: IdentityEmbedder, det
     return np.stack(embeddings)
 
 
+def nearest_similarity(embeddings: np.ndarray, gallery: np.ndarray) -> np.ndarray:
+    """Each embedding's highest cosine similarity to any gallery embedding (all L2-normalized)."""
+    return (embeddings @ gallery.T).max(axis=1)
+
+
+def resemblance_to_training(generated: np.ndarray, held_out: np.ndarray, training: np.ndarray,
+                            threshold: float) -> dict:
+    """Nearest-training-face similarity of generated faces and, as the baseline, of held-out real
+    people. The threshold is a 1:1 one (FAR 1e-3 per pair): against a gallery of thousands most
+    strangers pass it somewhere, so the comparison with the baseline is what tells."""
+    report: dict = {"training_faces": int(len(training)), "identity_threshold": threshold}
+    for name, embeddings in (("generated", generated), ("held_out", held_out)):
+        nearest = nearest_similarity(embeddings, training)
+        report[f"{name}_nearest_similarity"] = {"mean": round(float(nearest.mean()), 4),
+                                                "p95": round(float(np.percentile(nearest, 95)), 4),
+                                                "max": round(float(nearest.max()), 4)}
+        report[f"{name}_matching_a_training_person"] = round(float((nearest > threshold).mean()), 4)
+    return report
+
+
 def _mean_of(targets: dict, key: str) -> float | None:
     values = [t[key] for t in targets.values() if t[key] is not None]
     return round(float(np.mean(values)), 4) if values else None
 
 
 def evaluate_generator(source: SyntheticFaceSource, embedder: IdentityEmbedder, reference: np.ndarray,
-                       per_target: int = 16, raw_samples: int = 64, seed: int = 0) -> dict:
+                       per_target: int = 16, raw_samples: int = 64, seed: int = 0,
+                       training: np.ndarray | None = None, threshold: float = 0.3369) -> dict:
     # Raw quality, before any steering or verification: what the generator gives by itself
     # (a conditional one gets every class in turn).
     latents = np.random.RandomState(seed).randn(raw_samples, source.generator.z_dim)
@@ -108,4 +133,6 @@ def evaluate_generator(source: SyntheticFaceSource, embedder: IdentityEmbedder, 
         "identity_frechet_distance": round(frechet_distance(generated, reference), 4) if len(generated) > 2 else None,
         "reference_faces": int(len(reference)),
     }
+    if training is not None:
+        report["resemblance_to_training_people"] = resemblance_to_training(generated, reference, training, threshold)
     return report
