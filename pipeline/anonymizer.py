@@ -204,7 +204,8 @@ class Anonymizer:
         if isinstance(synthetic, SyntheticFace):
             self.swapper.swap(image, face, synthetic.image, synthetic.landmarks, allowed, rng)
             self.times.add("swap", start)
-            return Replacement("synthetic", seed=seed, latent=synthetic.latent.tolist())
+            return Replacement("synthetic", seed=seed, latent=synthetic.latent.tolist(),
+                               pose_condition=synthetic.pose_condition, mirrored=synthetic.flipped)
         blur_face(image, face, mask, rng)
         self.times.add("swap", start)
         return Replacement("blur", fallback=synthetic, seed=seed)

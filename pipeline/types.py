@@ -48,6 +48,10 @@ class Replacement:
     fallback: Fallback | None = None  # why it differs from the requested mode, if it does
     seed: int | None = None  # the per-face seed: re-rolling one face means changing only this
     latent: list[float] | None = None  # the generator latent the synthetic face came from
+    # With the latent and the face's gender / age group, what it takes to make that face again:
+    # the pose a pose-conditioned generator drew it at, and whether it was used mirrored.
+    pose_condition: tuple[float, float] | None = None
+    mirrored: bool | None = None
 
     def to_json(self) -> dict[str, Any]:
         record: dict[str, Any] = {"treatment": self.treatment}
@@ -58,6 +62,10 @@ class Replacement:
             record["seed"] = self.seed
         if self.latent is not None:
             record["latent"] = [round(float(v), 5) for v in self.latent]
+        if self.pose_condition is not None:
+            record["pose_condition"] = [round(float(v), 4) for v in self.pose_condition]
+        if self.mirrored is not None:
+            record["mirrored"] = self.mirrored
         return record
 
 

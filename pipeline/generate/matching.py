@@ -86,6 +86,7 @@ class SyntheticFace:
     index: int  # its place in its target's pool
     face: Face  # what our detector and heads see in it
     flipped: bool = False
+    pose_condition: tuple[float, float] | None = None  # the pose a pose-conditioned generator drew it at
 
 
 def to_uint8(images: torch.Tensor) -> list[np.ndarray]:
@@ -105,7 +106,7 @@ def mirror(face: SyntheticFace) -> SyntheticFace:
                     age_group_probs=face.face.age_group_probs, age=face.face.age)
     mirrored.box[[0, 2]] = width - 1 - face.face.box[[2, 0]]
     return SyntheticFace(np.ascontiguousarray(face.image[:, ::-1]), landmarks, face.latent, face.index, mirrored,
-                         not face.flipped)
+                         not face.flipped, face.pose_condition)
 
 
 @dataclass
@@ -274,7 +275,8 @@ class SyntheticFaceSource:
                 if getattr(self.generator, "takes_pose", False):  # spread the pool over poses
                     poses = np.array([POOL_POSES[(draws + i) % len(POOL_POSES)] for i in range(len(z))])
                 images = self.sample(z, target, poses)
-                for latent, image, face in zip(z, images, self.analyzer(images)):
+                conditions = [None] * len(z) if poses is None else [tuple(map(float, pose)) for pose in poses]
+                for latent, image, face, condition in zip(z, images, self.analyzer(images), conditions):
                     detected += face is not None
                     if face is None:
                         continue
@@ -284,7 +286,8 @@ class SyntheticFaceSource:
                         continue
                     met += 1
                     if len(hits) < self.pool_size:
-                        hits.append(SyntheticFace(image, face.landmarks, latent, len(hits), face))
+                        hits.append(SyntheticFace(image, face.landmarks, latent, len(hits), face,
+                                                  pose_condition=condition))
                 draws += len(z)
             self._pools[key] = Pool(hits, draws, detected, met, gender_met, age_met)
         return self._pools[key]
