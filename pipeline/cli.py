@@ -50,6 +50,21 @@ def _print_report(report: dict, json_out: str | None) -> None:
         Path(json_out).write_text(text + "\n", encoding="utf-8")
 
 
+def _main_face_landmarks(detector: RetinaFaceDetector):
+    """image -> landmarks of its highest-scoring face (None when there is none): for measuring on
+    single-face crops."""
+    def landmarks(image):
+        faces = detector.detect(image, threshold=0.5)
+        return max(faces, key=lambda f: f.score).landmarks if faces else None
+
+    return landmarks
+
+
+def _landmark_cache(args: argparse.Namespace) -> Path:
+    """Where training caches detector features and landmarks (shared by train-attributes and train-eigenfaces)."""
+    return Path(args.cache_dir) if args.cache_dir else cache_dir() / "attribute-features"
+
+
 def _report_failure(out: IO[str], path: str, exc: ImageError) -> None:
     """A bad input gets one line on stderr and an error record; the batch goes on."""
     print(f"facechange: {path}: {exc}", file=sys.stderr)
@@ -174,10 +189,7 @@ def cmd_eval_anonymize(args: argparse.Namespace) -> int:
     report: dict = {}
     threshold = args.reid_threshold
     if threshold is None:
-        def main_face_landmarks(image):
-            faces = anonymizer.detector.detect(image, threshold=0.5)
-            return max(faces, key=lambda f: f.score).landmarks if faces else None
-
+        main_face_landmarks = _main_face_landmarks(anonymizer.detector)
         report["calibration"] = calibrate_threshold(embedder, main_face_landmarks, Path(args.celeba), far=args.far)
         threshold = report["calibration"]["threshold"]
     photos = benchmark_photos(Path(args.wider) if args.wider else None, Path(args.photos) if args.photos else None,
@@ -256,7 +268,10 @@ def cmd_generate_matched(args: argparse.Namespace) -> int:
         records.append({"seed": args.seed + i, "made": face is not None,
                         **({"gender": face.face.gender, "age_group": face.face.age_group, "pool_index": face.index,
                             "latent": [round(float(v), 5) for v in face.latent]} if face else {})})
-        tiles.append(face.image if face else np.full((anonymizer.faces_source.resolution,) * 2 + (3,), 127, np.uint8))
+        tiles.append(face.image if face else None)
+    if any(tile is None for tile in tiles):  # grey tiles where no face was made, sized once
+        blank = np.full((anonymizer.faces_source.resolution,) * 2 + (3,), 127, np.uint8)
+        tiles = [blank if tile is None else tile for tile in tiles]
     columns = min(8, len(tiles))
     rows = -(-len(tiles) // columns)
     tiles += [np.zeros_like(tiles[0])] * (rows * columns - len(tiles))
@@ -290,11 +305,7 @@ def cmd_fit_latent_axes(args: argparse.Namespace) -> int:
         from pipeline.eval.judge import fit_judge, judged_capability, real_face_agreement
 
         embedder = IdentityEmbedder(Path(args.judge_arcface))
-
-        def main_face_landmarks(image):
-            faces = anonymizer.detector.detect(image, threshold=0.5)
-            return max(faces, key=lambda f: f.score).landmarks if faces else None
-
+        main_face_landmarks = _main_face_landmarks(anonymizer.detector)
         judge = fit_judge(Path(args.utkface), embedder, main_face_landmarks)
         report["judge_held_out"] = judge.held_out
         judged = judged_capability(source, embedder, judge, per_target=args.per_target)
@@ -330,11 +341,7 @@ def cmd_eval_generator(args: argparse.Namespace) -> int:
 
     anonymizer = Anonymizer(AnonymizerConfig(generator=args.generator, device=args.device, threads=args.threads))
     embedder = IdentityEmbedder(Path(args.arcface))
-
-    def main_face_landmarks(image):
-        faces = anonymizer.detector.detect(image, threshold=0.5)
-        return max(faces, key=lambda f: f.score).landmarks if faces else None
-
+    main_face_landmarks = _main_face_landmarks(anonymizer.detector)
     reference = utkface_embeddings(Path(args.utkface), embedder, main_face_landmarks, args.reference)
     training = utkface_embeddings(Path(args.utkface), embedder, main_face_landmarks, args.training_faces,
                                   held_out=False) if args.training_faces else None
@@ -397,7 +404,7 @@ def cmd_train_attributes(args: argparse.Namespace) -> int:
         print(line, file=sys.stderr, flush=True)
 
     device = resolve_device(args.device)
-    feature_cache = Path(args.cache_dir) if args.cache_dir else cache_dir() / "attribute-features"
+    feature_cache = _landmark_cache(args)
     if args.variant == "aligned":
         detector = (build_detector(DetectorConfig(attribute_weights=None), device, cache_dir())
                     if args.align == "detected" else None)
@@ -425,7 +432,7 @@ def cmd_train_eigenfaces(args: argparse.Namespace) -> int:
                f"--resolution {args.resolution} --components {args.components} --seed {args.seed}"
                + (f" --limit {args.limit}" if args.limit else ""))
     detector = build_detector(DetectorConfig(attribute_weights=None), resolve_device(args.device), cache_dir())
-    cache = Path(args.cache_dir) if args.cache_dir else cache_dir() / "attribute-features"
+    cache = _landmark_cache(args)
     report = run_eigenface_training(Path(args.utkface), Path(args.out), detector, args.resolution, args.components,
                                     args.limit, args.seed, cache, command,
                                     log=lambda line: print(line, file=sys.stderr, flush=True))
@@ -587,7 +594,8 @@ def build_parser() -> argparse.ArgumentParser:
     fit_axes.add_argument("--generator", default=DEFAULT_GENERATOR,
                           help="eigenfaces, dcgan, an official .pkl or a trained .pt")
     fit_axes.add_argument("--out", metavar="FILE.json",
-                          help="default: weights/dcgan_latent_axes.json, or GENERATOR.axes.json beside another")
+                          help="default: weights/NAME_latent_axes.json for a built-in generator, "
+                               "or GENERATOR.axes.json beside another")
     fit_axes.add_argument("--judge-arcface", metavar="ONNX",
                           help="grade capability with an independent judge (a probe on this identity model)")
     fit_axes.add_argument("--utkface", metavar="ZIP", help="faces to fit the judge on (with --judge-arcface)")

@@ -11,16 +11,13 @@ rate for held-out real people, who are strangers to the training set.
 
 from __future__ import annotations
 
-import io
-import zipfile
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 from scipy import linalg
 
 from pipeline.detect.train_attributes import split_utkface
-from pipeline.eval.identity import IdentityEmbedder
+from pipeline.eval.identity import IdentityEmbedder, detected_utkface_faces
 from pipeline.generate.matching import SyntheticFaceSource, Target
 from pipeline.types import AGE_GROUPS, GENDERS
 
@@ -46,15 +43,8 @@ def utkface_embeddings(zip_path: Path, embedder: IdentityEmbedder, detect_landma
     ones in hash order, or a seeded random draw of training faces."""
     train, held = split_utkface(zip_path, limit if not held_out else None, limit if held_out else 0, 0)
     samples = held if held_out else train
-    embeddings = []
-    with zipfile.ZipFile(zip_path) as archive:
-        for sample in samples:
-            crop = np.asarray(Image.open(io.BytesIO(archive.read(sample.member))).convert("RGB"))
-            padded = np.pad(crop, ((50, 50), (50, 50), (0, 0)), mode="constant", constant_values=127)
-            landmarks = detect_landmarks(padded)
-            if landmarks is not None:
-                embeddings.append(embedder.embed(padded, [landmarks])[0])
-    return np.stack(embeddings)
+    return np.stack([embedder.embed(padded, [landmarks])[0]
+                     for _, padded, landmarks in detected_utkface_faces(zip_path, samples, detect_landmarks)])
 
 
 def nearest_similarity(embeddings: np.ndarray, gallery: np.ndarray) -> np.ndarray:

@@ -7,17 +7,40 @@ same person. The threshold is calibrated at a fixed false-accept rate on CelebA 
 
 from __future__ import annotations
 
+import io
 import json
+import zipfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import cv2
 import numpy as np
 import onnxruntime as ort
+from PIL import Image
 
 ARCFACE_TEMPLATE_112 = np.array(
     [[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655], [70.7299, 92.2041]],
     np.float32,
 )
+
+
+# A detector sees an unpadded UTKFace crop as "the whole image is a face": measurements pad it
+# with grey before detecting (as the generator's data packing does, DETECT_PAD there).
+UTKFACE_PAD = 50
+
+
+def detected_utkface_faces(zip_path: Path, samples: list, detect_landmarks: Callable[[np.ndarray], np.ndarray | None]
+                           ) -> Iterator[tuple[object, np.ndarray, np.ndarray]]:
+    """(sample, crop padded by UTKFACE_PAD with grey, landmarks in the padded crop) for every sample
+    whose face ``detect_landmarks`` finds; the others are skipped."""
+    with zipfile.ZipFile(zip_path) as archive:
+        for sample in samples:
+            crop = np.asarray(Image.open(io.BytesIO(archive.read(sample.member))).convert("RGB"))
+            padded = np.pad(crop, ((UTKFACE_PAD, UTKFACE_PAD), (UTKFACE_PAD, UTKFACE_PAD), (0, 0)),
+                            constant_values=127)
+            landmarks = detect_landmarks(padded)
+            if landmarks is not None:
+                yield sample, padded, landmarks
 
 
 def align_112(image_rgb: np.ndarray, landmarks: np.ndarray) -> np.ndarray:
