@@ -391,6 +391,7 @@ def cmd_train_attributes(args: argparse.Namespace) -> int:
                        f"--head-window {args.head_window:g} "
                        f"--align {args.align} --swa-epochs {args.swa_epochs}"
                        + (f" --gender-weight {args.gender_weight:g}" if args.gender_weight != 1.0 else "")
+                       + (f" --gender-smoothing {args.gender_smoothing:g}" if args.gender_smoothing else "")
                        + (f" --init {args.init}" if args.init else "")
                        if args.variant == "aligned" else
                        f"--utkface {args.utkface} --out {args.out} --views {args.views} --epochs {args.epochs}")
@@ -414,7 +415,8 @@ def cmd_train_attributes(args: argparse.Namespace) -> int:
                                       window=args.head_window, device=device,
                                       detector=detector, cache=feature_cache, swa_epochs=args.swa_epochs,
                                       init=Path(args.init) if args.init else None,
-                                      gender_weight=args.gender_weight, command=command, log=log)
+                                      gender_weight=args.gender_weight, gender_smoothing=args.gender_smoothing,
+                                      command=command, log=log)
     else:
         detector = build_detector(DetectorConfig(attribute_weights=None), device, cache_dir())
         report = run_training(detector, Path(args.utkface), Path(args.out), feature_cache, views=args.views,
@@ -623,6 +625,8 @@ def build_parser() -> argparse.ArgumentParser:
     train_attributes.add_argument("--init", metavar="FILE.pt", help="aligned variant: start from this head")
     train_attributes.add_argument("--gender-weight", type=float, default=1.0,
                                   help="aligned variant: weight of the gender loss against the age losses")
+    train_attributes.add_argument("--gender-smoothing", type=float, default=0.0,
+                                  help="aligned variant: label smoothing of the gender targets (noisy labels)")
     train_attributes.add_argument("--limit", type=int, default=None, help="train on N faces (held-out stays whole)")
     train_attributes.add_argument("--eval-limit", type=int, default=None, help="evaluate on the first N held-out")
     train_attributes.add_argument("--epochs", type=int, default=None, help="default 32 (aligned), 30 (roi)")

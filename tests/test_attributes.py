@@ -133,3 +133,18 @@ def test_gender_weight_scales_only_the_gender_term():
     gender_term = F.cross_entropy(outputs[0], gender)
     base = attribute_loss(outputs, age, gender)
     assert torch.allclose(attribute_loss(outputs, age, gender, gender_weight=2.0), base + gender_term)
+
+
+def test_gender_smoothing_moves_the_gender_target_towards_uniform():
+    import torch.nn.functional as F
+
+    from pipeline.detect.train_attributes import attribute_loss
+
+    torch.manual_seed(0)
+    outputs = (torch.randn(6, 2), torch.randn(6, 4), torch.randn(6, 101))
+    age, gender = torch.tensor([3, 15, 25, 40, 65, 80]), torch.tensor([0, 1, 0, 1, 0, 1])
+    log_p = F.log_softmax(outputs[0], 1)
+    hard = F.nll_loss(log_p, gender)
+    uniform = -log_p.mean(1).mean()
+    expected = attribute_loss(outputs, age, gender) - hard + 0.8 * hard + 0.2 * uniform
+    assert torch.allclose(attribute_loss(outputs, age, gender, gender_smoothing=0.2), expected)

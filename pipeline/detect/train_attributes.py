@@ -248,9 +248,11 @@ class AnchorBaseline(nn.Module):
 
 
 def attribute_loss(outputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor], age: torch.Tensor,
-                   gender: torch.Tensor, sigma: float = 2.5, gender_weight: float = 1.0) -> torch.Tensor:
-    """CE on gender (times ``gender_weight``) and age group, plus a Gaussian label distribution
-    (DLDL) and L1 on the age expectation."""
+                   gender: torch.Tensor, sigma: float = 2.5, gender_weight: float = 1.0,
+                   gender_smoothing: float = 0.0) -> torch.Tensor:
+    """CE on gender (times ``gender_weight``, labels smoothed by ``gender_smoothing``: UTKFace's
+    gender labels have errors) and age group, plus a Gaussian label distribution (DLDL) and L1 on
+    the age expectation."""
     gender_logits, group_logits, bin_logits = outputs
     clipped = age.clamp(max=MAX_AGE).float()
     group = torch.bucketize(clipped, torch.tensor([10.0, 30.0, 60.0], device=age.device), right=True)
@@ -258,7 +260,8 @@ def attribute_loss(outputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor], age
     target = torch.softmax(-((bins[None] - clipped[:, None]) ** 2) / (2 * sigma**2), dim=1)
     bin_loss = -(target * F.log_softmax(bin_logits, 1)).sum(1).mean()
     l1 = (expected_age(bin_logits) - clipped).abs().mean()
-    return gender_weight * F.cross_entropy(gender_logits, gender) + F.cross_entropy(group_logits, group) \
+    gender_term = F.cross_entropy(gender_logits, gender, label_smoothing=gender_smoothing)
+    return gender_weight * gender_term + F.cross_entropy(group_logits, group) \
         + bin_loss + 0.1 * l1
 
 
@@ -576,7 +579,7 @@ def run_aligned_training(zip_path: Path, out: Path, limit: int | None = None, ev
                          window: float = ALIGN_WINDOW, device: torch.device = torch.device("cpu"),
                          detector: RetinaFaceDetector | None = None, cache: Path | None = None,
                          swa_epochs: int = 0, init: Path | None = None, gender_weight: float = 1.0,
-                         command: str = "", log=print) -> dict:
+                         gender_smoothing: float = 0.0, command: str = "", log=print) -> dict:
     """Train AlignedAttributeHead from scratch on every training face; evaluate native and 32 px; save.
 
     With a ``detector`` every crop (training and held-out) is aligned by the landmarks it finds,
@@ -626,7 +629,7 @@ def run_aligned_training(zip_path: Path, out: Path, limit: int | None = None, ev
         total = 0.0
         for idx, x in batches():
             loss = attribute_loss(head(x), ages[idx].to(device), genders[idx].to(device), sigma=3.0,
-                                  gender_weight=gender_weight)
+                                  gender_weight=gender_weight, gender_smoothing=gender_smoothing)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
