@@ -50,12 +50,22 @@ def _print_report(report: dict, json_out: str | None) -> None:
         Path(json_out).write_text(text + "\n", encoding="utf-8")
 
 
-def _main_face_landmarks(detector: RetinaFaceDetector):
-    """image -> landmarks of its highest-scoring face (None when there is none): for measuring on
-    single-face crops."""
-    def landmarks(image):
+def _main_face(detector: RetinaFaceDetector):
+    """image -> its highest-scoring face (None when there is none): for measuring on single-face crops."""
+    def face(image):
         faces = detector.detect(image, threshold=0.5)
-        return max(faces, key=lambda f: f.score).landmarks if faces else None
+        return max(faces, key=lambda f: f.score) if faces else None
+
+    return face
+
+
+def _main_face_landmarks(detector: RetinaFaceDetector):
+    """image -> landmarks of its highest-scoring face (None when there is none)."""
+    main_face = _main_face(detector)
+
+    def landmarks(image):
+        face = main_face(image)
+        return face.landmarks if face is not None else None
 
     return landmarks
 
@@ -189,8 +199,8 @@ def cmd_eval_anonymize(args: argparse.Namespace) -> int:
     report: dict = {}
     threshold = args.reid_threshold
     if threshold is None:
-        main_face_landmarks = _main_face_landmarks(anonymizer.detector)
-        report["calibration"] = calibrate_threshold(embedder, main_face_landmarks, Path(args.celeba), far=args.far)
+        report["calibration"] = calibrate_threshold(embedder, _main_face(anonymizer.detector), Path(args.celeba),
+                                                    far=args.far)
         threshold = report["calibration"]["threshold"]
     photos = benchmark_photos(Path(args.wider) if args.wider else None, Path(args.photos) if args.photos else None,
                               args.limit)

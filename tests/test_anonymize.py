@@ -279,6 +279,36 @@ def test_eval_anonymize_measures_treatments_sizes_and_the_erased_floor(anonymize
     assert control["mean_identity_similarity"] < 0.5
 
 
+def test_threshold_calibration_reports_how_it_holds_on_smaller_faces(anonymizer, tmp_path):
+    from conftest import shared_path
+
+    from pipeline.eval.identity import IdentityEmbedder, calibrate_threshold
+
+    celeba = shared_path("data/celeba_identities")
+    identities = json.loads((celeba / "identities.json").read_text())
+    chosen = {}
+    for name, person in sorted(identities.items()):  # 4 photos each of the first 6 people
+        if sum(p == person for p in chosen.values()) < 4 and len(set(chosen.values()) | {person}) <= 6:
+            chosen[name] = person
+    (tmp_path / "images").mkdir()
+    for name in chosen:
+        (tmp_path / "images" / name).write_bytes((celeba / "images" / name).read_bytes())
+    (tmp_path / "identities.json").write_text(json.dumps(chosen))
+    embedder = IdentityEmbedder(shared_path("models/arcface_mobilefacenet.onnx"))
+
+    def main_face(image):
+        faces = anonymizer.detect(image)
+        return max(faces, key=lambda f: f.score) if faces else None
+
+    report = calibrate_threshold(embedder, main_face, tmp_path, far=0.05, sizes=(10_000, 24))
+    assert report["faces"] >= 20 and report["identities"] == 6
+    unchanged, small = report["by_face_size"]["10000px"], report["by_face_size"]["24px"]
+    # no face is that large: nothing is downscaled and the figures are the threshold's own
+    assert unchanged["threshold_at_far"] == report["threshold"] and unchanged["tar_at_threshold"] == report["tar"]
+    # at 24 px ArcFace sees less of who someone is: fewer genuine pairs pass
+    assert small["tar_at_threshold"] < report["tar"]
+
+
 @pytest.mark.parametrize("mode", ["synthetic", "blur", "pixelate"])
 def test_a_face_cut_by_the_border_is_treated_and_nothing_else_moves(anonymizer, astronaut, mode):
     from conftest import ASTRONAUT_FACE_BOX
