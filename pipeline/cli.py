@@ -191,7 +191,7 @@ def cmd_anonymize(args: argparse.Namespace) -> int:
 
 
 def cmd_eval_anonymize(args: argparse.Namespace) -> int:
-    from pipeline.eval.anonymization import benchmark_photos, evaluate_anonymization
+    from pipeline.eval.anonymization import annotated_faces, benchmark_photos, evaluate_anonymization
     from pipeline.eval.identity import IdentityEmbedder, calibrate_threshold
 
     anonymizer = _anonymizer_from_args(args)
@@ -206,7 +206,8 @@ def cmd_eval_anonymize(args: argparse.Namespace) -> int:
                               args.limit)
     report.update(evaluate_anonymization(anonymizer, embedder, threshold, photos,
                                          Path(args.sheets_dir) if args.sheets_dir else None, args.min_face,
-                                         tuple(args.modes.split(",")), args.seed))
+                                         tuple(args.modes.split(",")), args.seed,
+                                         annotated_faces(Path(args.wider)) if args.wider else None))
     _print_report(report, args.json_out)
     return 0
 

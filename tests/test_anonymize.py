@@ -261,6 +261,7 @@ def test_eval_anonymize_measures_treatments_sizes_and_the_erased_floor(anonymize
 
     from pipeline.eval.anonymization import evaluate_anonymization
     from pipeline.eval.identity import IdentityEmbedder
+    from pipeline.image_io import load_image
 
     photo = shared_path("data/photos/insightface_t1.jpg")
     embedder = IdentityEmbedder(shared_path("models/arcface_mobilefacenet.onnx"))
@@ -277,6 +278,14 @@ def test_eval_anonymize_measures_treatments_sizes_and_the_erased_floor(anonymize
     # a face left untouched would match itself: every treatment must do far better than that
     assert report["modes"]["pixelate"]["mean_identity_similarity"] < 0.5
     assert control["mean_identity_similarity"] < 0.5
+    assert report["false_boxes_on_annotated_photos"] == {"boxes": 0, "given_a_generated_face": 0}
+    # With annotated faces, a detection that overlaps none is a false box, not a measured face.
+    faces = sorted(anonymizer.detect(load_image(photo)), key=lambda f: f.box[0])
+    annotated = {photo: np.array([f.box + np.array([2, -3, 2, 4]) for f in faces[:4]])}
+    report = evaluate_anonymization(anonymizer, embedder, 0.3369, [photo], modes=("synthetic",),
+                                    true_boxes=annotated)
+    assert report["modes"]["synthetic"]["faces_measured"] == 4
+    assert report["false_boxes_on_annotated_photos"] == {"boxes": 2, "given_a_generated_face": 2}
 
 
 def test_threshold_calibration_reports_how_it_holds_on_smaller_faces(anonymizer, tmp_path):

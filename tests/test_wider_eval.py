@@ -277,3 +277,31 @@ def test_recall_and_false_boxes():
     lower = recall_and_false_boxes(predictions, samples, score_threshold=0.1)
     assert lower["recall"] == pytest.approx(2 / 3)
     assert lower["false_boxes_per_image"] == pytest.approx(1.0)
+
+
+# --- low_scores_by_size ---
+
+
+def test_low_scores_by_size_counts_faces_and_false_boxes_per_size_and_score():
+    from pipeline.eval.wider import low_scores_by_size
+
+    face_40, face_120 = [10, 10, 40, 50], [200, 10, 120, 130]
+    samples = [sample("e/a.jpg", [face_40, face_120]), sample("e/b.jpg", [])]
+    predictions = {
+        "e/a.jpg": np.array([
+            as_pred(face_40, 0.95),
+            as_pred(face_120, 0.6),  # a real face with a low score
+            as_pred([500, 500, 110, 150], 0.65),  # a large false box
+            as_pred([700, 700, 50, 50], 0.1),  # under the floor: not counted
+        ]),
+        "e/b.jpg": np.array([as_pred([10, 10, 36, 36], 0.75)]),  # a false box on a photo with no faces
+    }
+    report = low_scores_by_size(predictions, samples, floor=0.3)
+    assert report["32-48 px"]["faces"] == 1 and report["32-48 px"]["false_boxes"] == 1
+    assert report["32-48 px"]["scoring_under"]["0.8"] == {"faces": 0, "false_boxes": 1}
+    assert report["32-48 px"]["scoring_under"]["0.7"] == {"faces": 0, "false_boxes": 0}
+    large = report["100 px and over"]
+    assert (large["faces"], large["false_boxes"]) == (1, 1)
+    assert large["scoring_under"]["0.7"] == {"faces": 1, "false_boxes": 1}
+    assert large["scoring_under"]["0.5"] == {"faces": 0, "false_boxes": 0}
+    assert report["48-64 px"]["faces"] == 0 and report["64-100 px"]["false_boxes"] == 0

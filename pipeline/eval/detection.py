@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.detect import RetinaFaceDetector
-from pipeline.eval.wider import evaluate, load_wider, recall_and_false_boxes
+from pipeline.detect.detector import ANONYMIZE_THRESHOLD
+from pipeline.eval.wider import evaluate, load_wider, low_scores_by_size, recall_and_false_boxes
 from pipeline.image_io import load_image
 
 # Thresholds at which recall and false boxes per photo are reported, to choose the default.
@@ -40,4 +41,6 @@ def evaluate_detector(
         "ap": {k: round(v, 4) for k, v in ap.items()},
         "seconds_per_image": round(seconds / max(len(samples), 1), 4),
         "operating_points": operating_points,
+        # what the anonymizer's "doubtful box" rule (AnonymizerConfig.doubtful_*) weighs
+        "low_scores_by_size": low_scores_by_size(predictions, samples, floor=max(threshold, ANONYMIZE_THRESHOLD)),
     }
