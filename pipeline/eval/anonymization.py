@@ -20,6 +20,7 @@ import numpy as np
 
 from pipeline.anonymizer import Anonymizer
 from pipeline.eval.identity import IdentityEmbedder
+from pipeline.eval.wider import TRUE_FACE_IOU, load_wider, xywh_to_xyxy
 from pipeline.image_io import load_image, save_image
 from pipeline.swap.masks import face_mask, face_region
 from pipeline.swap.obscure import composite
@@ -50,11 +51,6 @@ def _sheet(original: np.ndarray, results: dict[str, np.ndarray], width: int = 18
         cv2.putText(row, name, (int(i * panel_width) + 8, 28), cv2.FONT_HERSHEY_SIMPLEX, 0.9, (255, 255, 0), 2,
                     cv2.LINE_AA)
     return row
-
-
-# A detection overlapping an annotated face at least this much (IoU) is that face. WIDER's boxes
-# are drawn differently from the detector's (tighter at the chin, looser at the brow), hence < 0.5.
-TRUE_FACE_IOU = 0.4
 
 
 def evaluate_anonymization(anonymizer: Anonymizer, embedder: IdentityEmbedder, threshold: float,
@@ -207,8 +203,6 @@ def _summary(total: dict, photos: int) -> dict:
 
 def annotated_faces(wider_root: Path) -> dict[Path, np.ndarray]:
     """Every WIDER dev photo's annotated faces as x1, y1, x2, y2, by the photo's path."""
-    from pipeline.eval.wider import load_wider, xywh_to_xyxy
-
     return {wider_root / "images" / sample.relpath: xywh_to_xyxy(sample.boxes_xywh) for sample in load_wider(wider_root)}
 
 

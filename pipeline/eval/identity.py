@@ -97,16 +97,18 @@ def calibrate_threshold(embedder: IdentityEmbedder, detect_face, celeba_dir: Pat
         similarity = embeddings @ embeddings.T
         return similarity[upper & ~same], similarity[upper & same]
 
-    impostor, genuine = pairs(np.stack([embedder.embed(image, [face.landmarks])[0] for image, face in photos]))
+    native = np.stack([embedder.embed(image, [face.landmarks])[0] for image, face in photos])
+    impostor, genuine = pairs(native)
     threshold = float(np.quantile(impostor, 1.0 - far))
     by_size = {}
     for size in sizes:
-        embeddings = []
-        for image, face in photos:
-            scale = min(1.0, size / max(face.size, 1.0))
-            small = cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA) if scale < 1 else image
-            embeddings.append(embedder.embed(small, [face.landmarks * scale])[0])
-        small_impostor, small_genuine = pairs(np.stack(embeddings))
+        embeddings = native.copy()
+        for i, (image, face) in enumerate(photos):
+            scale = size / max(face.size, 1.0)
+            if scale < 1:  # a face already this small or smaller keeps its native embedding
+                small = cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
+                embeddings[i] = embedder.embed(small, [face.landmarks * scale])[0]
+        small_impostor, small_genuine = pairs(embeddings)
         by_size[f"{size}px"] = {"far_at_threshold": round(float((small_impostor > threshold).mean()), 5),
                                 "threshold_at_far": round(float(np.quantile(small_impostor, 1.0 - far)), 4),
                                 "tar_at_threshold": round(float((small_genuine > threshold).mean()), 4)}
