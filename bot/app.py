@@ -22,7 +22,7 @@ import cv2
 import numpy as np
 from telegram import Bot, BotCommand, CallbackQuery, InputFile, InputMediaPhoto, Message, Update
 from telegram.constants import ChatAction
-from telegram.error import BadRequest, TelegramError
+from telegram.error import BadRequest, NetworkError, TelegramError
 from telegram.ext import (AIORateLimiter, Application, ApplicationHandlerStop, CallbackQueryHandler, CommandHandler,
                           ContextTypes, MessageHandler, TypeHandler, filters)
 
@@ -47,6 +47,7 @@ PNG_MAX_PIXELS = 8_000_000  # beyond this a PNG nears the 50 MB upload limit: hi
 DOWNLOAD_LIMIT = 20 * 2**20  # the cloud Bot API's getFile limit
 CAPTION_LIMIT = 1024
 CHAT_ACTION_EVERY = 4.5  # Telegram shows a chat action for about 5 seconds
+DOWNLOAD_RETRY_DELAYS = (0.5, 2.0)  # a photo's download is idempotent: a dropped connection is worth two more tries
 
 
 @dataclass
@@ -180,11 +181,14 @@ class FaceBot:
             with contextlib.suppress(TelegramError):
                 await context.bot.send_message(update.effective_chat.id, text(lang, "failed"))
 
-    async def _keep_uploading(self, bot: Bot, chat_id: int) -> None:
-        while True:
+    async def _keep_uploading(self, bot: Bot, chat_id: int, done: asyncio.Event) -> None:
+        # Stopped by an event, never cancelled: cancelling a request in flight can leave httpcore's connection
+        # pool holding a broken connection that a later request (a photo's download) then fails on.
+        while not done.is_set():
             with contextlib.suppress(TelegramError):
                 await bot.send_chat_action(chat_id, ChatAction.UPLOAD_PHOTO)
-            await asyncio.sleep(CHAT_ACTION_EVERY)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(done.wait(), CHAT_ACTION_EVERY)
 
     async def _run_job(self, bot: Bot, chat_id: int, lang: str, job: Callable[[], T]) -> T | None:
         """The job's result from the worker, or None when the queue was full (the user has been told)."""
@@ -196,11 +200,13 @@ class FaceBot:
         position = self.worker.queue.qsize()
         if position >= self.config.queue_notice_at:
             await bot.send_message(chat_id, text(lang, "queue_position", position=position))
-        uploading = asyncio.create_task(self._keep_uploading(bot, chat_id))
+        done = asyncio.Event()
+        uploading = asyncio.create_task(self._keep_uploading(bot, chat_id, done))
         try:
             return await future
         finally:
-            uploading.cancel()
+            done.set()
+            await uploading
 
     def _within_rate(self, user_id: int) -> bool:
         now = time.monotonic()
@@ -218,8 +224,19 @@ class FaceBot:
             del self.recent_photos[user_id]
 
     async def _download(self, bot: Bot, file_id: str) -> bytes:
-        file = await bot.get_file(file_id)
-        return bytes(await file.download_as_bytearray())
+        async def once() -> bytes:
+            file = await bot.get_file(file_id)
+            return bytes(await file.download_as_bytearray())
+
+        for delay in DOWNLOAD_RETRY_DELAYS:
+            try:
+                return await once()
+            except NetworkError as exc:  # includes time-outs; a BadRequest (a wrong file id) will not get better
+                if isinstance(exc, BadRequest):
+                    raise
+                log.warning("download failed (%s); trying again in %g s", exc, delay)
+                await asyncio.sleep(delay)
+        return await once()
 
     async def _image(self, bot: Bot, session: Session) -> np.ndarray:
         """The session's photo: from memory, or after a restart or an eviction downloaded again by its file id."""

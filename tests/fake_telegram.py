@@ -14,6 +14,8 @@ import email.policy
 import io
 import itertools
 import json
+import socket
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -58,6 +60,7 @@ class _State:
     calls: list[Call] = field(default_factory=list)
     files: dict[str, bytes] = field(default_factory=dict)
     messages: dict[tuple[int, int], dict[str, Any]] = field(default_factory=dict)
+    resets: dict[str, int] = field(default_factory=dict)  # Bot API method or "file" -> connections still to reset
 
 
 class FakeTelegram:
@@ -66,8 +69,7 @@ class FakeTelegram:
         self.state = _State()
         self.lock = threading.Condition()
         self._ids = itertools.count(1)
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
-        self.server.daemon_threads = True
+        self.server = _Server(("127.0.0.1", 0), self._handler_class())
         self.thread = threading.Thread(target=self.server.serve_forever, name="fake-telegram", daemon=True)
 
     @property
@@ -138,6 +140,19 @@ class FakeTelegram:
         self._push("callback_query", {"id": query_id, "from": user, "message": message, "chat_instance": "ci",
                                       "data": data})
         return query_id
+
+    def reset_connections(self, target: str, count: int) -> None:
+        """The next ``count`` requests for ``target`` (a Bot API method, or "file" for downloads) are answered
+        with a TCP reset instead of a response: the network fault a bot must survive."""
+        with self.lock:
+            self.state.resets[target] = count
+
+    def _take_reset(self, target: str) -> bool:
+        with self.lock:
+            if self.state.resets.get(target, 0) <= 0:
+                return False
+            self.state.resets[target] -= 1
+            return True
 
     # -- what the bot did ------------------------------------------------------------------
 
@@ -253,7 +268,15 @@ class FakeTelegram:
                 except (BrokenPipeError, ConnectionResetError):  # a stopping bot drops its long poll
                     self.close_connection = True
 
+            def _reset(self) -> None:
+                # Linger 0: closing sends RST, as a dropped connection does, not an orderly FIN.
+                self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                self.close_connection = True
+
             def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+                if fake._take_reset("file"):
+                    self._reset()
+                    return
                 prefix = f"/file/bot{fake.token}/files/"
                 path = unquote(urlparse(self.path).path)  # PTB percent-encodes the token's colon in file URLs
                 with fake.lock:
@@ -271,6 +294,9 @@ class FakeTelegram:
                     self._reply_error(_ApiError(401, "Unauthorized"))
                     return
                 method = path.removeprefix(prefix)
+                if fake._take_reset(method):
+                    self._reset()
+                    return
                 params, files, filenames = _parse_body(self.headers.get("Content-Type", ""), body)
                 try:
                     if method == "getUpdates":
@@ -291,6 +317,11 @@ class FakeTelegram:
                 self._send(exc.code, json.dumps(body).encode())
 
         return Handler
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 128  # the listen backlog: a real server takes 20 users' connections at once (default 5)
 
 
 class _ApiError(Exception):

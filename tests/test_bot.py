@@ -285,6 +285,21 @@ async def test_twenty_users_at_once_and_an_album(fake, anonymizer, astronaut, tm
         assert len(facebot.sessions.images) <= 5 and len(fake.calls("getFile")) > 22 + 10
 
 
+async def test_dropped_connections_are_retried_and_a_lost_photo_is_reported(fake, anonymizer, astronaut, tmp_path):
+    photo = encode(cv2.resize(astronaut, (256, 256)))
+    alice = fake.user(1)
+    async with running_bot(fake, anonymizer, tmp_path / "state.sqlite3", default_mode="blur") as facebot:
+        fake.reset_connections("getFile", 1)
+        fake.reset_connections("file", 1)
+        fake.send_photo(alice, photo)
+        await bot_sent(fake, "sendPhoto", 1)  # a reset on each step of the download, and still a preview
+        first = facebot.sessions.latest_for(1, 1)
+        fake.reset_connections("file", 3)  # the first try and both retries
+        fake.send_photo(alice, photo)
+        assert await reply_text(fake, 1) == TEXTS["en"]["failed"]
+        assert len(fake.calls("sendPhoto", 1)) == 1 and facebot.sessions.latest_for(1, 1).sid == first.sid
+
+
 async def test_thirty_faces_page_through_the_keyboard(fake, anonymizer, astronaut, tmp_path):
     crowd = tiles(astronaut, 6, 5, 170)
     alice = fake.user(1)
