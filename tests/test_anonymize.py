@@ -279,6 +279,7 @@ def test_eval_anonymize_measures_treatments_sizes_and_the_erased_floor(anonymize
     assert report["modes"]["pixelate"]["mean_identity_similarity"] < 0.5
     assert control["mean_identity_similarity"] < 0.5
     assert report["false_boxes_on_annotated_photos"] == {"boxes": 0, "given_a_generated_face": 0}
+    assert report["different_people_control"]["pairs"] == 0  # only annotated people are known to differ
     # With annotated faces, a detection that overlaps none is a false box, not a measured face.
     faces = sorted(anonymizer.detect(load_image(photo)), key=lambda f: f.box[0])
     annotated = {photo: np.array([f.box + np.array([2, -3, 2, 4]) for f in faces[:4]])}
@@ -286,6 +287,10 @@ def test_eval_anonymize_measures_treatments_sizes_and_the_erased_floor(anonymize
                                     true_boxes=annotated)
     assert report["modes"]["synthetic"]["faces_measured"] == 4
     assert report["false_boxes_on_annotated_photos"] == {"boxes": 2, "given_a_generated_face": 2}
+    # The 4 annotated people, compared with each other: 6 pairs, and six different people do not match.
+    people = report["different_people_control"]
+    assert people["pairs"] == 6 and people["false_match_rate"] == 0.0
+    assert sum(v["pairs"] for v in people["by_size_of_the_smaller_face"].values()) == 6
 
 
 def test_threshold_calibration_reports_how_it_holds_on_smaller_faces(anonymizer, tmp_path):

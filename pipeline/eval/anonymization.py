@@ -6,6 +6,11 @@ recognized by people or by the identity model in the first place). On photos wit
 faces (WIDER), a detection that overlaps none of them is a false box: it is not measured as a
 face (a generated face pasted on a shirt would count as "still detected"), and how many false
 boxes got a generated face is reported on its own.
+
+Two controls say what the re-identification figure can mean: the same faces painted flat (the
+floor of replacing only the face), and different annotated people of the same photo compared
+with each other (how often the identity model "matches" two people who are not the same at this
+threshold, on these photos' faces: a replaced face cannot be told from a stranger below that).
 """
 
 from __future__ import annotations
@@ -66,6 +71,7 @@ def evaluate_anonymization(anonymizer: Anonymizer, embedder: IdentityEmbedder, t
     # "match" with no face left at all: the crop keeps hair, ears, outline and background.
     erased = {"faces": 0, "reidentified": 0, "similarity": 0.0, "by_size": {}}
     false_boxes = {"boxes": 0, "given_a_generated_face": 0}
+    other_people: dict = {"pairs": 0, "matched": 0, "by_size": {}}
     per_photo = []
     if sheets_dir:
         sheets_dir.mkdir(parents=True, exist_ok=True)
@@ -81,6 +87,8 @@ def evaluate_anonymization(anonymizer: Anonymizer, embedder: IdentityEmbedder, t
         measured_at = [i for i in large if i not in false_at]
         measured = [faces[i] for i in measured_at]
         original_embeddings = embedder.embed(image, [f.landmarks for f in measured])
+        if annotated is not None:
+            _compare_people(other_people, measured, original_embeddings, annotated, threshold)
         results = {}
         photo_record = {"image": str(path), "faces": len(faces), "measured_faces": len(measured)}
         if measured:
@@ -150,8 +158,27 @@ def evaluate_anonymization(anonymizer: Anonymizer, embedder: IdentityEmbedder, t
             "mean_identity_similarity": round(erased["similarity"] / erased["faces"], 4) if erased["faces"] else None,
             "by_size": {k: {"faces_measured": v["faces"], "reidentification": _rate(v["reidentified"], v["faces"])}
                         for k, v in sorted(erased["by_size"].items())}},
+        "different_people_control": {
+            "pairs": other_people["pairs"], "false_match_rate": _rate(other_people["matched"], other_people["pairs"]),
+            "by_size_of_the_smaller_face": {k: {"pairs": v["pairs"], "false_match_rate": _rate(v["matched"], v["pairs"])}
+                                            for k, v in sorted(other_people["by_size"].items())}},
         "false_boxes_on_annotated_photos": false_boxes if "synthetic" in modes else {"boxes": None},
         "per_photo": per_photo}
+
+
+def _compare_people(tally: dict, faces: list[Face], embeddings: np.ndarray, annotated: np.ndarray,
+                    threshold: float) -> None:
+    """Counts pairs of faces matched to different annotated people whose originals match each other."""
+    person = [int(np.argmax([_iou(face.box, box) for box in annotated])) for face in faces]
+    similarity = embeddings @ embeddings.T
+    for i, j in zip(*np.triu_indices(len(faces), 1)):
+        if person[i] == person[j]:  # two boxes on one annotated face
+            continue
+        matched = bool(similarity[i, j] > threshold)
+        for group in (tally, tally["by_size"].setdefault(_size_bucket(min(faces[i].size, faces[j].size)),
+                                                         {"pairs": 0, "matched": 0})):
+            group["pairs"] += 1
+            group["matched"] += int(matched)
 
 
 SIZE_BUCKETS = ((64.0, "under 64 px"), (128.0, "64-128 px"), (float("inf"), "128 px and over"))
