@@ -223,6 +223,23 @@ def test_a_large_box_with_a_low_score_gets_the_blur_not_a_generated_face(anonymi
     assert "maybe not a face" in doubtful.replacement.to_json()["fallback_reason"]
 
 
+def test_a_small_face_gets_a_wider_inner_mask_in_proportion(anonymizer, astronaut):
+    from pipeline.swap.masks import INNER_MASK_GROW, INNER_MASK_GROW_SMALL, SMALL_FACE, inner_face_mask
+
+    face = anonymizer.detect(astronaut)[0]
+    assert face.size >= SMALL_FACE
+
+    def mask_area_over_face_area(scale: float) -> float:
+        scaled = copy.deepcopy(face)
+        scaled.box, scaled.landmarks = face.box * scale, face.landmarks * scale
+        shape = (int(astronaut.shape[0] * scale) + 1, int(astronaut.shape[1] * scale) + 1)
+        return float(inner_face_mask(scaled, shape).sum()) / scaled.size**2
+
+    large = mask_area_over_face_area(1.0)
+    small = mask_area_over_face_area(0.9 * SMALL_FACE / face.size)  # the same face under SMALL_FACE px
+    assert small / large == pytest.approx((INNER_MASK_GROW_SMALL / INNER_MASK_GROW) ** 2, rel=0.12)
+
+
 def test_bench_anonymize_reports_every_mode(capsys, model_cache, monkeypatch):
     monkeypatch.setenv("FACECHANGE_CACHE_DIR", str(model_cache))
     assert cli.main(["bench-anonymize", "--faces", "4", "--long-side", "768", "--repeats", "1"]) == 0
