@@ -113,7 +113,8 @@ def test_train_eigenfaces_cli_on_a_subset(tmp_path, capsys, model_cache, monkeyp
     assert "--limit 160" in report["command"]
     model = load_eigenfaces(out)
     assert model.resolution == 32 and model.z_dim == 12
-    images = model(torch.randn(NUM_CLASSES, 12), torch.eye(NUM_CLASSES))
+    z = torch.randn(NUM_CLASSES, 12, generator=torch.Generator().manual_seed(0))  # seeded: the bound is statistical
+    images = model(z, torch.eye(NUM_CLASSES))
     assert images.shape == (NUM_CLASSES, 3, 32, 32) and images.abs().max().item() < 1.6
 
 
