@@ -195,19 +195,27 @@ def cmd_eval_anonymize(args: argparse.Namespace) -> int:
     from pipeline.eval.identity import IdentityEmbedder, calibrate_threshold
 
     anonymizer = _anonymizer_from_args(args)
-    embedder = IdentityEmbedder(Path(args.arcface))
-    report: dict = {}
-    threshold = args.reid_threshold
-    if threshold is None:
-        report["calibration"] = calibrate_threshold(embedder, _main_face(anonymizer.detector), Path(args.celeba),
-                                                    far=args.far)
-        threshold = report["calibration"]["threshold"]
     photos = benchmark_photos(Path(args.wider) if args.wider else None, Path(args.photos) if args.photos else None,
                               args.limit)
-    report.update(evaluate_anonymization(anonymizer, embedder, threshold, photos,
-                                         Path(args.sheets_dir) if args.sheets_dir else None, args.min_face,
-                                         tuple(args.modes.split(",")), args.seed,
-                                         annotated_faces(Path(args.wider)) if args.wider else None))
+    annotated = annotated_faces(Path(args.wider)) if args.wider else None
+
+    def measure(embedder, threshold: float | None, sheets_dir: str | None) -> dict:
+        report: dict = {}
+        if threshold is None:
+            report["calibration"] = calibrate_threshold(embedder, _main_face(anonymizer.detector), Path(args.celeba),
+                                                        far=args.far)
+            threshold = report["calibration"]["threshold"]
+        report.update(evaluate_anonymization(anonymizer, embedder, threshold, photos,
+                                             Path(sheets_dir) if sheets_dir else None, args.min_face,
+                                             tuple(args.modes.split(",")), args.seed, annotated))
+        return report
+
+    report = measure(IdentityEmbedder(Path(args.arcface)), args.reid_threshold, args.sheets_dir)
+    if args.dlib_resnet:
+        from pipeline.eval.dlib_resnet import DlibEmbedder
+
+        # The same photos and seed give the same outputs: only the identity model differs.
+        report["dlib_resnet"] = measure(DlibEmbedder(Path(args.dlib_resnet)), args.dlib_reid_threshold, None)
     _print_report(report, args.json_out)
     return 0
 
@@ -513,6 +521,12 @@ def build_parser() -> argparse.ArgumentParser:
     eval_anon.add_argument("--wider", metavar="DIR", help="WIDER FACE dev folder")
     eval_anon.add_argument("--photos", metavar="DIR", help="a folder of group photos (*.jpg)")
     eval_anon.add_argument("--arcface", required=True, metavar="ONNX", help="identity model for re-identification")
+    eval_anon.add_argument("--dlib-resnet", metavar="FILE.dat",
+                           help="measure every re-identification figure again with dlib's face recognition ResNet "
+                                "(dlib_face_recognition_resnet_model_v1.dat, CC0), an independent identity model; "
+                                "under 'dlib_resnet' in the report")
+    eval_anon.add_argument("--dlib-reid-threshold", type=float,
+                           help="skip its calibration, use this cosine similarity")
     eval_anon.add_argument("--celeba", metavar="DIR", help="CelebA identities, to set the threshold at --far")
     eval_anon.add_argument("--far", type=float, default=1e-3)
     eval_anon.add_argument("--reid-threshold", type=float, default=None, help="skip calibration, use this")

@@ -24,7 +24,7 @@ import cv2
 import numpy as np
 
 from pipeline.anonymizer import Anonymizer
-from pipeline.eval.identity import IdentityEmbedder
+from pipeline.eval.identity import Embedder
 from pipeline.eval.wider import TRUE_FACE_IOU, load_wider, xywh_to_xyxy
 from pipeline.image_io import load_image, save_image
 from pipeline.swap.masks import face_mask, face_region
@@ -58,7 +58,7 @@ def _sheet(original: np.ndarray, results: dict[str, np.ndarray], width: int = 18
     return row
 
 
-def evaluate_anonymization(anonymizer: Anonymizer, embedder: IdentityEmbedder, threshold: float,
+def evaluate_anonymization(anonymizer: Anonymizer, embedder: Embedder, threshold: float,
                            photos: list[Path], sheets_dir: Path | None = None, min_face: float = 32.0,
                            modes: tuple[str, ...] = TREATMENTS, seed: int = 0,
                            true_boxes: dict[Path, np.ndarray] | None = None) -> dict:

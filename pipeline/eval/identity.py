@@ -12,6 +12,7 @@ import json
 import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Protocol
 
 import cv2
 import numpy as np
@@ -48,6 +49,11 @@ def align_112(image_rgb: np.ndarray, landmarks: np.ndarray) -> np.ndarray:
     return cv2.warpAffine(image_rgb, matrix, (112, 112), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
 
 
+class Embedder(Protocol):
+    def embed(self, image_rgb: np.ndarray, landmarks: list[np.ndarray]) -> np.ndarray:
+        """L2-normalized identity embeddings (N, D) of the faces with these 5 landmarks."""
+
+
 class IdentityEmbedder:
     def __init__(self, onnx_path: Path) -> None:
         options = ort.SessionOptions()
@@ -70,7 +76,7 @@ class IdentityEmbedder:
 CALIBRATION_SIZES = (64, 48, 32)
 
 
-def calibrate_threshold(embedder: IdentityEmbedder, detect_face, celeba_dir: Path, far: float = 1e-3,
+def calibrate_threshold(embedder: Embedder, detect_face, celeba_dir: Path, far: float = 1e-3,
                         sizes: tuple[int, ...] = CALIBRATION_SIZES) -> dict:
     """The similarity above which two CelebA photos of different people are accepted at rate ``far``.
 
