@@ -212,7 +212,7 @@ def cmd_eval_anonymize(args: argparse.Namespace) -> int:
 
     report = measure(IdentityEmbedder(Path(args.arcface)), args.reid_threshold, args.sheets_dir)
     if args.dlib_resnet:
-        from pipeline.eval.dlib_resnet import DlibEmbedder
+        from pipeline.detect.dlib_resnet import DlibEmbedder
 
         # The same photos and seed give the same outputs: only the identity model differs.
         report["dlib_resnet"] = measure(DlibEmbedder(Path(args.dlib_resnet)), args.dlib_reid_threshold, None)
@@ -398,10 +398,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+DEFAULT_ATTRIBUTE_OUT = Path("weights/retinaface_attributes.pt")
+
+
 def cmd_train_attributes(args: argparse.Namespace) -> int:
-    from pipeline.detect.train_attributes import run_aligned_training, run_training
+    from pipeline.detect.train_attributes import run_aligned_training, run_identity_probe_training, run_training
 
     set_threads(args.threads)
+    if args.variant == "identity":
+        return _train_identity_probe(args, run_identity_probe_training)
     # The exact command goes into the weights manifest, so a result can be reproduced.
     if args.epochs is None:
         args.epochs = 32 if args.variant == "aligned" else 30
@@ -441,6 +446,30 @@ def cmd_train_attributes(args: argparse.Namespace) -> int:
         report = run_training(detector, Path(args.utkface), Path(args.out), feature_cache, views=args.views,
                               limit=args.limit, eval_limit=args.eval_limit, epochs=args.epochs, seed=args.seed,
                               command=command, log=log)
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def _train_identity_probe(args: argparse.Namespace, run) -> int:
+    from pipeline.detect.attributes import IDENTITY_WEIGHTS_FILE, WEIGHTS_FILE
+
+    if not args.dlib_resnet:
+        raise SystemExit("--variant identity needs --dlib-resnet (dlib_face_recognition_resnet_model_v1.dat "
+                         "or our .pt copy of it)")
+    out = Path(args.out) if args.out != str(DEFAULT_ATTRIBUTE_OUT) else IDENTITY_WEIGHTS_FILE
+    aligned = Path(args.aligned_head) if args.aligned_head else WEIGHTS_FILE
+    shown = {path: (path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path) for path in (out, aligned)}
+    epochs = args.epochs or 40
+    command = (f"facechange train-attributes --variant identity --utkface {args.utkface} --out {shown[out]} "
+               f"--dlib-resnet {args.dlib_resnet} --aligned-head {shown[aligned]} --epochs {epochs} --seed {args.seed}"
+               + (f" --network-out {args.network_out}" if args.network_out else "")
+               + (f" --limit {args.limit}" if args.limit else "")
+               + (f" --eval-limit {args.eval_limit}" if args.eval_limit else ""))
+    detector = build_detector(DetectorConfig(attribute_weights=None), resolve_device(args.device), cache_dir())
+    report = run(Path(args.utkface), out, Path(args.dlib_resnet), aligned, detector, _landmark_cache(args),
+                 network_out=Path(args.network_out) if args.network_out else None, limit=args.limit,
+                 eval_limit=args.eval_limit, epochs=epochs, seed=args.seed, command=command,
+                 log=lambda line: print(line, file=sys.stderr, flush=True))
     print(json.dumps(report, indent=2))
     return 0
 
@@ -632,10 +661,20 @@ def build_parser() -> argparse.ArgumentParser:
     train_attributes = commands.add_parser(
         "train-attributes", help="train the gender/age heads on UTKFace with the detector frozen")
     train_attributes.add_argument("--utkface", required=True, metavar="ZIP", help="UTKFace aligned & cropped zip")
-    train_attributes.add_argument("--out", default="weights/retinaface_attributes.pt", metavar="FILE.pt")
-    train_attributes.add_argument("--variant", choices=("aligned", "roi"), default="aligned",
+    train_attributes.add_argument("--out", default=str(DEFAULT_ATTRIBUTE_OUT), metavar="FILE.pt",
+                                  help="default weights/retinaface_attributes.pt (identity variant: "
+                                       "weights/retinaface_attributes_identity.pt)")
+    train_attributes.add_argument("--variant", choices=("aligned", "roi", "identity"), default="aligned",
                                   help="aligned: landmark-aligned face crop + small CNN (shipped); "
-                                       "roi: RoIAlign over the frozen backbone maps")
+                                       "roi: RoIAlign over the frozen backbone maps; identity: a probe on dlib's "
+                                       "face descriptors that the aligned head consults where it is unsure (shipped)")
+    train_attributes.add_argument("--dlib-resnet", metavar="FILE",
+                                  help="identity variant: dlib_face_recognition_resnet_model_v1.dat, or our .pt copy")
+    train_attributes.add_argument("--network-out", metavar="FILE.pt",
+                                  help="identity variant: also write the network as our fp16 copy here")
+    train_attributes.add_argument("--aligned-head", metavar="FILE.pt",
+                                  help="identity variant: the aligned head to evaluate the cascade with "
+                                       "(default: the shipped one)")
     train_attributes.add_argument("--views", type=int, default=2, help="roi variant: augmented views per face")
     train_attributes.add_argument("--batch", type=int, default=192, help="aligned variant: batch size")
     train_attributes.add_argument("--head-size", type=int, default=ALIGN_SIZE,

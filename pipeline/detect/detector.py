@@ -11,7 +11,7 @@ import torch
 import torchvision
 from facexlib.detection.retinaface_utils import decode, decode_landm
 
-from pipeline.detect.attributes import ATTRIBUTE_COLUMNS
+from pipeline.detect.attributes import ATTRIBUTE_COLUMNS, DETECTOR_MEAN_BGR
 from pipeline.detect.network import VARIANCES, RetinaFaceNet, fuse_batchnorm, prior_boxes
 from pipeline.types import AGE_GROUPS, GENDERS, Face
 
@@ -26,7 +26,7 @@ class DetectorSettings:
     threshold: float = ANONYMIZE_THRESHOLD
     nms_iou: float = 0.4
     # BGR channel means the weights were trained with (measured on WIDER: see README).
-    mean_bgr: tuple[float, float, float] = (104.0, 117.0, 123.0)
+    mean_bgr: tuple[float, float, float] = DETECTOR_MEAN_BGR
     # Resize policy: the network input's long side is capped at max_side; smaller photos run at
     # their own size (upscaling is only done in multi-scale mode, where it finds tiny faces).
     max_side: int = 2048

@@ -29,15 +29,19 @@ from pipeline.detect.attributes import (
     ALIGN_SIZE,
     ALIGN_WIDTHS,
     ALIGN_WINDOW,
+    DETECTOR_MEAN_BGR,
     MAX_AGE,
     UTKFACE_MEAN_LANDMARKS,
     AlignedAttributeHead,
     AttributeHead,
+    CascadeAttributeHead,
+    IdentityProbe,
     age_group_index,
     expected_age,
     load_head,
     pool_boxes,
     save_head,
+    save_identity_probe,
     similarity_to,
 )
 from pipeline.detect.detector import RetinaFaceDetector
@@ -484,7 +488,7 @@ def load_aligned_crops(zip_path: Path, samples: list[Sample], face_px: int | Non
     return out
 
 
-def _to_input(batch: torch.Tensor, mean_bgr=(104.0, 117.0, 123.0)) -> torch.Tensor:
+def _to_input(batch: torch.Tensor, mean_bgr=DETECTOR_MEAN_BGR) -> torch.Tensor:
     """uint8 RGB NHWC -> float BGR NCHW minus the detector's mean: the detector's input tensor."""
     bgr = batch.permute(0, 3, 1, 2).flip(1).float()
     return bgr - torch.tensor(mean_bgr).view(1, 3, 1, 1)
@@ -672,3 +676,107 @@ def run_aligned_training(zip_path: Path, out: Path, limit: int | None = None, ev
                                                            **report["aligned_head"]}})
     report["weights"] = str(out)
     return report
+
+
+# ---------------------------------------------------------------------------------------------
+# Identity branch: a probe on dlib's face descriptors (attributes.CascadeAttributeHead). The
+# descriptors come from the same detector-aligned crops, placed on dlib's chip by our landmarks.
+
+@torch.inference_mode()
+def dlib_descriptors(network: nn.Module, zip_path: Path, samples: list[Sample], landmarks: np.ndarray,
+                     batch: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """(N, 128) descriptors and which faces have them (those whose landmarks were found)."""
+    from pipeline.detect.dlib_resnet import align_chip
+
+    out = np.zeros((len(samples), 128), np.float32)
+    found = ~np.isnan(landmarks).any(axis=(1, 2))
+    chips, at = [], []
+
+    def flush() -> None:
+        if chips:
+            out[at] = network(torch.from_numpy(np.stack(chips)).permute(0, 3, 1, 2).float()).numpy()
+            chips.clear(), at.clear()
+
+    with zipfile.ZipFile(zip_path) as archive:
+        for i in np.flatnonzero(found):
+            chips.append(align_chip(_read_crop(archive, samples[i]), landmarks[i]))
+            at.append(i)
+            if len(chips) == batch:
+                flush()
+    flush()
+    return out, found
+
+
+def train_identity_probe(descriptors: np.ndarray, ages: np.ndarray, genders: np.ndarray, epochs: int,
+                         seed: int) -> IdentityProbe:
+    torch.manual_seed(seed)
+    probe = IdentityProbe()
+    optimizer = torch.optim.AdamW(probe.parameters(), lr=3e-3, weight_decay=1e-3)
+    x = torch.from_numpy(descriptors)
+    gender = torch.from_numpy(genders.astype(np.int64))
+    group = torch.from_numpy(age_group_index(ages).astype(np.int64))
+    probe.train()
+    for _ in range(epochs):
+        order = torch.randperm(len(x))
+        for first in range(0, len(x), 512):
+            pick = order[first:first + 512]
+            gender_logits, group_logits = probe(x[pick])
+            loss = F.cross_entropy(gender_logits, gender[pick]) + F.cross_entropy(group_logits, group[pick])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    return probe.eval()
+
+
+def run_identity_probe_training(zip_path: Path, out: Path, network_file: Path, aligned_head: Path,
+                                detector: RetinaFaceDetector, cache: Path | None, network_out: Path | None = None,
+                                limit: int | None = None, eval_limit: int | None = None, epochs: int = 40,
+                                seed: int = 0, gender_margin: float = 0.35, group_confidence: float = 0.7,
+                                command: str = "", log=print) -> dict:
+    """Train the probe on dlib descriptors of the training faces; report the probe, the aligned head and
+    the cascade of the two on the held-out faces (aligned window, as ``predict_aligned``); save."""
+    from pipeline.detect.dlib_resnet import DlibResNet, save_network
+    from pipeline.weights import sha256_file
+
+    start = time.perf_counter()
+    network = DlibResNet.from_file(network_file)
+    if network_out is not None:
+        save_network(network, network_out, {"source": str(network_file), "source_sha256": sha256_file(network_file)})
+    train, held_out = split_utkface(zip_path, limit, eval_limit, seed)
+    train_points = cached_landmarks(cache, f"landmarks-train-{len(train)}-s{seed}",
+                                    lambda: detect_crop_landmarks(detector, zip_path, train, log))
+    held_points = cached_landmarks(cache, f"landmarks-heldout-{len(held_out)}",
+                                   lambda: detect_crop_landmarks(detector, zip_path, held_out, log))
+    train_x, train_found = dlib_descriptors(network, zip_path, train, train_points)
+    held_x, held_found = dlib_descriptors(network, zip_path, held_out, held_points)
+    descriptor_seconds = time.perf_counter() - start
+    log(f"descriptors of {len(train)} + {len(held_out)} faces in {descriptor_seconds:.0f} s")
+    ages = np.array([s.age for s in train])
+    genders = np.array([s.gender for s in train])
+    probe = train_identity_probe(train_x[train_found], ages[train_found], genders[train_found], epochs, seed)
+
+    head = load_head(aligned_head, None)
+    crops = load_aligned_crops(zip_path, held_out, store=store_size(head.size, head.window), landmarks=held_points)
+    head_female, head_groups, head_years = predict_aligned(head, crops)
+    with torch.inference_mode():
+        gender_logits, group_logits = probe(torch.from_numpy(held_x))
+    probe_female = torch.softmax(gender_logits, 1)[:, 1].numpy()
+    probe_groups = torch.softmax(group_logits, 1).numpy()
+    cascade = CascadeAttributeHead(head, network, probe, gender_margin, group_confidence)
+    unsure = cascade.unsure(torch.from_numpy(head_female), torch.from_numpy(head_groups)).numpy()
+    cascade_female = np.where(unsure, (head_female + probe_female) / 2, head_female)
+    cascade_groups = np.where(unsure[:, None], (head_groups + probe_groups) / 2, head_groups)
+    held_ages = np.array([s.age for s in held_out])
+    held_genders = np.array([s.gender for s in held_out])
+    k = held_found
+
+    def metrics(female: np.ndarray, groups: np.ndarray) -> dict:
+        return attribute_metrics(female[k], groups[k], head_years[k], held_ages[k], held_genders[k], len(held_out))
+
+    save_identity_probe(probe, out, gender_margin, group_confidence, {"command": command})
+    return {"command": command, "train_faces": int(train_found.sum()), "seconds": round(time.perf_counter() - start, 1),
+            "descriptor_seconds": round(descriptor_seconds, 1),
+            "held_out_aligned_window": {"aligned_head": metrics(head_female, head_groups),
+                                        "identity_probe": metrics(probe_female, probe_groups),
+                                        "cascade": metrics(cascade_female, cascade_groups),
+                                        "cascade_share_consulting_the_probe": round(float(unsure[k].mean()), 4)}}

@@ -1,7 +1,10 @@
-"""dlib's face recognition ResNet, read from its official ``.dat`` file: a second, independent identity model.
+"""dlib's face recognition ResNet, read from its official ``.dat`` file (CC0).
 
-Re-identification measured with one identity model says as much about that model as about the
-anonymization; dlib's ``dlib_face_recognition_resnet_model_v1.dat`` (Davis King, CC0, shipped by
+Two uses. Its 128-d face descriptors carry gender and age far better than features a small CNN
+learns from UTKFace alone, so the detector's attribute heads consult it for the faces they are
+unsure of (``attributes.CascadeAttributeHead``). And it is a second, independent identity model
+for the anonymization benchmark: re-identification measured with one identity model says as much
+about that model as about the anonymization; dlib's ``dlib_face_recognition_resnet_model_v1.dat`` (Davis King, CC0, shipped by
 the ``face_recognition_models`` package) was trained on other data with another loss, so a figure
 that holds under both is about the faces. The file is dlib's own serialization (no pickle): layer
 records from the input up, each a type string, its parameter tensor (raw little-endian float32)
@@ -16,6 +19,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+
+from pipeline.weights import sha256_file
 
 import cv2
 import numpy as np
@@ -124,6 +129,7 @@ _STEM = ["con", "affine", "relu", "max_pool"]
 _BLOCK = ["con", "affine", "relu", "con", "affine", "add_prev", "relu"]
 _DOWN_BLOCK = ["con", "affine", "relu", "con", "affine", "avg_pool", "add_prev", "relu"]
 _BLOCKS = [False] * 3 + ([True] + [False] * 3) + ([True] + [False] * 2) + ([True] + [False] * 2) + [True]
+_BLOCK_CHANNELS = [32] * 3 + [64] * 4 + [128] * 3 + [256] * 4
 _HEAD = ["avg_pool", "fc"]
 
 
@@ -213,6 +219,9 @@ class DlibResNet(nn.Module):
 
     @classmethod
     def from_file(cls, path: Path) -> DlibResNet:
+        """The network from dlib's official ``.dat`` or from our fp16 copy of it (``save_network``)."""
+        if Path(path).suffix == ".pt":
+            return load_network(path, None)
         return cls(*read_layers(path))
 
     def forward(self, chips: torch.Tensor) -> torch.Tensor:
@@ -240,3 +249,47 @@ class DlibEmbedder:
         with torch.inference_mode():
             embeddings = self.network(torch.from_numpy(chips).permute(0, 3, 1, 2).float()).numpy()
         return embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True).clip(1e-8)
+
+
+NETWORK_FORMAT = "facechange-dlib-resnet-v1"
+
+
+def save_network(network: DlibResNet, path: Path, provenance: dict) -> None:
+    """fp16 tensors (11 MB instead of the .dat's 22 MB), loadable with ``weights_only``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.half() for k, v in network.state_dict().items()}
+    torch.save({"format": NETWORK_FORMAT, "state_dict": state, "provenance": provenance}, path)
+
+
+def load_network(path: Path, sha256: str | None) -> DlibResNet:
+    if sha256 is not None and sha256_file(path) != sha256:
+        raise ValueError(f"{path}: sha256 differs from weights/manifest.json")
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(blob, dict) or blob.get("format") != NETWORK_FORMAT:
+        raise DlibFormatError(f"{path}: not a {NETWORK_FORMAT} file")
+    network = DlibResNet((0.0, 0.0, 0.0), _skeleton_layers())
+    network.load_state_dict({k: v.float() for k, v in blob["state_dict"].items()})
+    return network
+
+
+def _skeleton_layers() -> list[_Layer]:
+    """The architecture's layers with zero weights, for loading a saved state into."""
+    def con(cin: int, filters: int, size: int, stride: int) -> _Layer:
+        pad = size // 2 if stride == 1 else 0  # dlib pads only unstrided convolutions
+        return _Layer("con", np.zeros(filters * cin * size * size + filters, np.float32),
+                      (filters, size, size, stride, stride, pad, pad))
+
+    def affine(channels: int) -> _Layer:
+        return _Layer("affine", np.zeros(2 * channels, np.float32))
+
+    layers = [con(3, 32, 7, 2), affine(32), _Layer("relu"), _Layer("max_pool", hyper=(3, 3, 2, 2, 0, 0))]
+    channels = 32
+    for block, down in enumerate(_BLOCKS):
+        filters = _BLOCK_CHANNELS[block]
+        layers += [con(channels, filters, 3, 2 if down else 1), affine(filters), _Layer("relu"),
+                   con(filters, filters, 3, 1), affine(filters)]
+        layers += [_Layer("avg_pool", hyper=(2, 2, 2, 2, 0, 0))] if down else []
+        layers += [_Layer("add_prev"), _Layer("relu")]
+        channels = filters
+    return layers + [_Layer("avg_pool", hyper=(0, 0, 1, 1, 0, 0)),
+                     _Layer("fc", np.zeros(channels * 128, np.float32), (128, channels))]
