@@ -186,3 +186,14 @@ def test_tiny_identity_probe_run_learns_and_the_cascade_loads_back(tmp_path, mod
     assert isinstance(cascade, CascadeAttributeHead)
     with pytest.raises(ValueError, match="sha256"):
         load_cascade(detector.attribute_head.aligned, out, "0" * 64, DLIB_WEIGHTS_FILE, None)
+
+
+def test_the_identity_branch_can_be_left_out(tmp_path, astronaut, monkeypatch, model_cache):
+    aligned_only = build_detector(DetectorConfig(identity_branch=False), torch.device("cpu"), model_cache)
+    assert isinstance(aligned_only.attribute_head, AlignedAttributeHead)
+    monkeypatch.setenv("FACECHANGE_CACHE_DIR", str(model_cache))
+    image, out = tmp_path / "astronaut.png", tmp_path / "faces.jsonl"
+    save_image(astronaut, image)
+    assert cli.main(["detect", str(image), "--no-identity-branch", "--json-out", str(out)]) == 0
+    face = json.loads(out.read_text().splitlines()[0])["faces"][0]
+    assert face["gender_prob"] == pytest.approx(aligned_only.detect(astronaut)[0].gender_prob, abs=1e-3)
