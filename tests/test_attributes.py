@@ -150,12 +150,17 @@ def test_gender_smoothing_moves_the_gender_target_towards_uniform():
     assert torch.allclose(attribute_loss(outputs, age, gender, gender_smoothing=0.2), expected)
 
 
-def test_the_cascade_consults_dlibs_descriptors_only_where_the_aligned_head_is_unsure(detector, astronaut):
+@pytest.fixture(scope="module")
+def cascade_detector(model_cache):
+    return build_detector(DetectorConfig(identity_branch=True), torch.device("cpu"), model_cache)
+
+
+def test_the_cascade_consults_dlibs_descriptors_only_where_the_aligned_head_is_unsure(cascade_detector, astronaut):
     from pipeline.detect.attributes import CascadeAttributeHead, dlib_chips
 
-    cascade = detector.attribute_head
-    assert isinstance(cascade, CascadeAttributeHead)  # the shipped default
-    plain = detector.without_attributes()
+    cascade = cascade_detector.attribute_head
+    assert isinstance(cascade, CascadeAttributeHead)
+    plain = cascade_detector.without_attributes()
     with torch.inference_mode():
         rows = plain._decode(astronaut, 0.5)
         tensor = plain._to_tensor(astronaut)
@@ -174,7 +179,7 @@ def test_the_cascade_consults_dlibs_descriptors_only_where_the_aligned_head_is_u
         assert torch.equal(sure.columns([], torch.from_numpy(rows[:, :4]), tensor, landmarks), aligned)
 
 
-def test_tiny_identity_probe_run_learns_and_the_cascade_loads_back(tmp_path, model_cache, astronaut, detector):
+def test_tiny_identity_probe_run_learns_and_the_cascade_loads_back(tmp_path, detector):
     from pipeline.detect.attributes import DLIB_WEIGHTS_FILE, CascadeAttributeHead, load_cascade
 
     zip_path = shared_path("data/utkface.zip")
@@ -182,18 +187,19 @@ def test_tiny_identity_probe_run_learns_and_the_cascade_loads_back(tmp_path, mod
     assert cli.main(["train-attributes", "--variant", "identity", "--utkface", str(zip_path), "--out", str(out),
                      "--dlib-resnet", str(DLIB_WEIGHTS_FILE), "--limit", "160", "--eval-limit", "40",
                      "--epochs", "30", "--cache-dir", str(tmp_path / "cache")]) == 0
-    cascade = load_cascade(detector.attribute_head.aligned, out, None, DLIB_WEIGHTS_FILE, None)
+    cascade = load_cascade(detector.attribute_head, out, None, DLIB_WEIGHTS_FILE, None)
     assert isinstance(cascade, CascadeAttributeHead)
     with pytest.raises(ValueError, match="sha256"):
-        load_cascade(detector.attribute_head.aligned, out, "0" * 64, DLIB_WEIGHTS_FILE, None)
+        load_cascade(detector.attribute_head, out, "0" * 64, DLIB_WEIGHTS_FILE, None)
 
 
-def test_the_identity_branch_can_be_left_out(tmp_path, astronaut, monkeypatch, model_cache):
-    aligned_only = build_detector(DetectorConfig(identity_branch=False), torch.device("cpu"), model_cache)
-    assert isinstance(aligned_only.attribute_head, AlignedAttributeHead)
+def test_the_identity_branch_is_an_option(tmp_path, astronaut, monkeypatch, model_cache, cascade_detector):
+    default = build_detector(DetectorConfig(), torch.device("cpu"), model_cache)
+    assert isinstance(default.attribute_head, AlignedAttributeHead)  # off by default (see DetectorConfig)
     monkeypatch.setenv("FACECHANGE_CACHE_DIR", str(model_cache))
     image, out = tmp_path / "astronaut.png", tmp_path / "faces.jsonl"
     save_image(astronaut, image)
-    assert cli.main(["detect", str(image), "--no-identity-branch", "--json-out", str(out)]) == 0
+    assert cli.main(["detect", str(image), "--identity-branch", "--json-out", str(out)]) == 0
     face = json.loads(out.read_text().splitlines()[0])["faces"][0]
-    assert face["gender_prob"] == pytest.approx(aligned_only.detect(astronaut)[0].gender_prob, abs=1e-3)
+    assert face["gender_prob"] == pytest.approx(cascade_detector.detect(astronaut)[0].gender_prob, abs=1e-3)
+    assert face["gender_prob"] != pytest.approx(default.detect(astronaut)[0].gender_prob, abs=1e-3)
