@@ -461,7 +461,8 @@ def _train_identity_probe(args: argparse.Namespace, run) -> int:
                          "or our .pt copy of it)")
     out = Path(args.out) if args.out != str(DEFAULT_ATTRIBUTE_OUT) else IDENTITY_WEIGHTS_FILE
     aligned = Path(args.aligned_head) if args.aligned_head else WEIGHTS_FILE
-    shown = {path: (path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path) for path in (out, aligned)}
+    shown = {path: (path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path)
+             for path in (out, aligned)}  # the manifest's command reads the same from any checkout
     epochs = args.epochs or 40
     command = (f"facechange train-attributes --variant identity --utkface {args.utkface} --out {shown[out]} "
                f"--dlib-resnet {args.dlib_resnet} --aligned-head {shown[aligned]} --epochs {epochs} --seed {args.seed}"
@@ -670,7 +671,8 @@ def build_parser() -> argparse.ArgumentParser:
     train_attributes.add_argument("--variant", choices=("aligned", "roi", "identity"), default="aligned",
                                   help="aligned: landmark-aligned face crop + small CNN (shipped); "
                                        "roi: RoIAlign over the frozen backbone maps; identity: a probe on dlib's "
-                                       "face descriptors that the aligned head consults where it is unsure (shipped)")
+                                       "face descriptors that the aligned head consults where it is unsure "
+                                       "(shipped; used with --identity-branch)")
     train_attributes.add_argument("--dlib-resnet", metavar="FILE",
                                   help="identity variant: dlib_face_recognition_resnet_model_v1.dat, or our .pt copy")
     train_attributes.add_argument("--network-out", metavar="FILE.pt",

@@ -212,7 +212,7 @@ class CascadeAttributeHead(nn.Module):
     """The aligned head first; where it is unsure, its probabilities averaged with the identity probe's.
 
     Unsure: P(female) within ``gender_margin`` of 0.5, or no age group above ``group_confidence``
-    (a third of held-out faces). dlib's network (6 ms for one face on 2 cores) then runs on those
+    (a third of held-out faces). dlib's network (5 ms for one face on 2 cores) then runs on those
     faces only, so a photo of clear faces costs what the aligned head costs. The age in years is
     the aligned head's.
     """

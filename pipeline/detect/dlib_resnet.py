@@ -1,10 +1,11 @@
 """dlib's face recognition ResNet, read from its official ``.dat`` file (CC0).
 
 Two uses. Its 128-d face descriptors carry gender and age far better than features a small CNN
-learns from UTKFace alone, so the detector's attribute heads consult it for the faces they are
-unsure of (``attributes.CascadeAttributeHead``). And it is a second, independent identity model
-for the anonymization benchmark: re-identification measured with one identity model says as much
-about that model as about the anonymization; dlib's ``dlib_face_recognition_resnet_model_v1.dat`` (Davis King, CC0, shipped by
+learns from UTKFace alone, so the detector's attribute heads can consult it for the faces they are
+unsure of (``attributes.CascadeAttributeHead``, ``--identity-branch``; off by default, see
+README). And it is a second, independent identity model for the anonymization benchmark:
+re-identification measured with one identity model says as much about that model as about the
+anonymization; dlib's ``dlib_face_recognition_resnet_model_v1.dat`` (Davis King, CC0, shipped by
 the ``face_recognition_models`` package) was trained on other data with another loss, so a figure
 that holds under both is about the faces. The file is dlib's own serialization (no pickle): layer
 records from the input up, each a type string, its parameter tensor (raw little-endian float32)

@@ -160,8 +160,9 @@ def evaluate_anonymization(anonymizer: Anonymizer, embedder: Embedder, threshold
                         for k, v in sorted(erased["by_size"].items())}},
         "different_people_control": {
             "pairs": other_people["pairs"], "false_match_rate": _rate(other_people["matched"], other_people["pairs"]),
-            "by_size_of_the_smaller_face": {k: {"pairs": v["pairs"], "false_match_rate": _rate(v["matched"], v["pairs"])}
-                                            for k, v in sorted(other_people["by_size"].items())}},
+            "by_size_of_the_smaller_face": {
+                k: {"pairs": v["pairs"], "false_match_rate": _rate(v["matched"], v["pairs"])}
+                for k, v in sorted(other_people["by_size"].items())}},
         "false_boxes_on_annotated_photos": false_boxes if "synthetic" in modes else {"boxes": None},
         "per_photo": per_photo}
 
