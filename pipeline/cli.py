@@ -405,11 +405,11 @@ DEFAULT_ATTRIBUTE_OUT = Path("weights/retinaface_attributes.pt")
 
 
 def cmd_train_attributes(args: argparse.Namespace) -> int:
-    from pipeline.detect.train_attributes import run_aligned_training, run_identity_probe_training, run_training
+    from pipeline.detect.train_attributes import run_aligned_training, run_training
 
     set_threads(args.threads)
     if args.variant == "identity":
-        return _train_identity_probe(args, run_identity_probe_training)
+        return _train_identity_probe(args)
     # The exact command goes into the weights manifest, so a result can be reproduced.
     if args.epochs is None:
         args.epochs = 32 if args.variant == "aligned" else 30
@@ -453,8 +453,9 @@ def cmd_train_attributes(args: argparse.Namespace) -> int:
     return 0
 
 
-def _train_identity_probe(args: argparse.Namespace, run) -> int:
+def _train_identity_probe(args: argparse.Namespace) -> int:
     from pipeline.detect.attributes import IDENTITY_WEIGHTS_FILE, WEIGHTS_FILE
+    from pipeline.detect.train_attributes import run_identity_probe_training
 
     if not args.dlib_resnet:
         raise SystemExit("--variant identity needs --dlib-resnet (dlib_face_recognition_resnet_model_v1.dat "
@@ -470,10 +471,11 @@ def _train_identity_probe(args: argparse.Namespace, run) -> int:
                + (f" --limit {args.limit}" if args.limit else "")
                + (f" --eval-limit {args.eval_limit}" if args.eval_limit else ""))
     detector = build_detector(DetectorConfig(attribute_weights=None), resolve_device(args.device), cache_dir())
-    report = run(Path(args.utkface), out, Path(args.dlib_resnet), aligned, detector, _landmark_cache(args),
-                 network_out=Path(args.network_out) if args.network_out else None, limit=args.limit,
-                 eval_limit=args.eval_limit, epochs=epochs, seed=args.seed, command=command,
-                 log=lambda line: print(line, file=sys.stderr, flush=True))
+    report = run_identity_probe_training(
+        Path(args.utkface), out, Path(args.dlib_resnet), aligned, detector, _landmark_cache(args),
+        network_out=Path(args.network_out) if args.network_out else None, limit=args.limit,
+        eval_limit=args.eval_limit, epochs=epochs, seed=args.seed, command=command,
+        log=lambda line: print(line, file=sys.stderr, flush=True))
     print(json.dumps(report, indent=2))
     return 0
 

@@ -27,6 +27,19 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def load_verified(path: Path, sha256: str | None, formats: tuple[str, ...]) -> dict:
+    """A ``torch.save`` dict of ours, read without running code: refused when its hash differs from
+    the given one (the manifest's) or its ``format`` is not one of ``formats``."""
+    import torch
+
+    if sha256 is not None and sha256_file(path) != sha256:
+        raise ValueError(f"{path}: sha256 differs from weights/manifest.json; retrain or update the manifest")
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(blob, dict) or blob.get("format") not in formats:
+        raise ValueError(f"{path}: not a {' or '.join(formats)} file")
+    return blob
+
+
 def known_model(sha256: str) -> dict | None:
     """The manifest entry of a file with this hash, if it is one we know."""
     return next((m for m in manifest_models() if m.get("sha256") == sha256), None)

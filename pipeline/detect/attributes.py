@@ -20,7 +20,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from pipeline.types import AGE_GROUPS, GENDERS
-from pipeline.weights import sha256_file
+from pipeline.weights import load_verified
 
 WEIGHTS_DIR = Path(__file__).resolve().parents[2] / "weights"
 WEIGHTS_FILE = WEIGHTS_DIR / "retinaface_attributes.pt"
@@ -251,11 +251,7 @@ def load_cascade(aligned: AlignedAttributeHead, probe_path: Path, probe_sha256: 
                  network_sha256: str | None) -> CascadeAttributeHead:
     from pipeline.detect.dlib_resnet import load_network
 
-    if probe_sha256 is not None and sha256_file(probe_path) != probe_sha256:
-        raise ValueError(f"{probe_path}: sha256 differs from weights/manifest.json")
-    blob = torch.load(probe_path, map_location="cpu", weights_only=True)
-    if not isinstance(blob, dict) or blob.get("format") != IDENTITY_FORMAT:
-        raise ValueError(f"{probe_path}: not a {IDENTITY_FORMAT} file")
+    blob = load_verified(probe_path, probe_sha256, (IDENTITY_FORMAT,))
     probe = IdentityProbe(**blob["config"])
     probe.load_state_dict(blob["state_dict"])
     return CascadeAttributeHead(aligned, load_network(network_path, network_sha256), probe,
@@ -277,11 +273,7 @@ def save_head(head: AttributeHead | AlignedAttributeHead, path: Path, provenance
 
 def load_head(path: Path, sha256: str | None) -> AttributeHead | AlignedAttributeHead:
     """Rebuild a head from ``save_head``'s file; refuses a file whose hash differs from the given one."""
-    if sha256 is not None and sha256_file(path) != sha256:
-        raise ValueError(f"{path}: sha256 differs from weights/manifest.json; retrain or update the manifest")
-    blob = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(blob, dict) or blob.get("format") not in FORMATS:
-        raise ValueError(f"{path}: not a {' or '.join(FORMATS)} file")
+    blob = load_verified(path, sha256, FORMATS)
     head = (AlignedAttributeHead if blob["format"] == ALIGNED_FORMAT else AttributeHead)(**blob["config"])
     head.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in blob["state_dict"].items()})
     return head.eval()

@@ -21,13 +21,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.weights import sha256_file
-
 import cv2
 import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from pipeline.weights import load_verified
 
 CHIP = 150
 CHIP_PADDING = 0.25  # dlib's get_face_chip_details padding in its face recognition example
@@ -47,6 +47,7 @@ class _Reader:
 
     def __init__(self, data: bytes) -> None:
         self.data, self.pos = data, 0
+        self._next_at: dict[str, int] = {}  # where each string sought next occurs (-1: nowhere more)
 
     def integer(self) -> int:
         # One control byte (low nibble: how many bytes follow, 0x80: negative), then little-endian bytes.
@@ -77,10 +78,15 @@ class _Reader:
         return values.reshape(shape)
 
     def next_string(self, texts) -> str | None:
-        """Reads the nearest of these strings ahead, skipping what lies before it; None when none is."""
-        found = [(self.data.find(bytes([0x01, len(text)]) + text.encode("latin-1"), self.pos), text)
-                 for text in texts]
-        found = [(at, text) for at, text in found if at >= 0]
+        """Reads the nearest of these strings ahead, skipping what lies before it; None when none is.
+
+        Each string's next place is remembered and only searched again once the reader has passed
+        it, so reading every layer scans the file once per layer type, not once per layer."""
+        for text in texts:
+            at = self._next_at.get(text)
+            if at is None or 0 <= at < self.pos:  # never sought, or already passed
+                self._next_at[text] = self.data.find(bytes([0x01, len(text)]) + text.encode("latin-1"), self.pos)
+        found = [(self._next_at[text], text) for text in texts if self._next_at[text] >= 0]
         if not found:
             return None
         self.pos = min(found)[0]
@@ -263,11 +269,7 @@ def save_network(network: DlibResNet, path: Path, provenance: dict) -> None:
 
 
 def load_network(path: Path, sha256: str | None) -> DlibResNet:
-    if sha256 is not None and sha256_file(path) != sha256:
-        raise ValueError(f"{path}: sha256 differs from weights/manifest.json")
-    blob = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(blob, dict) or blob.get("format") != NETWORK_FORMAT:
-        raise DlibFormatError(f"{path}: not a {NETWORK_FORMAT} file")
+    blob = load_verified(path, sha256, (NETWORK_FORMAT,))
     network = DlibResNet((0.0, 0.0, 0.0), _skeleton_layers())
     network.load_state_dict({k: v.float() for k, v in blob["state_dict"].items()})
     return network

@@ -82,13 +82,14 @@ def evaluate_anonymization(anonymizer: Anonymizer, embedder: Embedder, threshold
         detect_seconds = time.perf_counter() - start
         large = [i for i, f in enumerate(faces) if f.size >= min_face]
         annotated = (true_boxes or {}).get(path)
-        false_at = [] if annotated is None else \
-            [i for i in large if max((_iou(faces[i].box, box) for box in annotated), default=0.0) < TRUE_FACE_IOU]
+        person = {} if annotated is None else {i: _annotated_person(faces[i], annotated) for i in large}
+        false_at = [i for i in large if person.get(i, 0) < 0]
         measured_at = [i for i in large if i not in false_at]
         measured = [faces[i] for i in measured_at]
         original_embeddings = embedder.embed(image, [f.landmarks for f in measured])
         if annotated is not None:
-            _compare_people(other_people, measured, original_embeddings, annotated, threshold)
+            _compare_people(other_people, measured, [person[i] for i in measured_at], original_embeddings,
+                            threshold)
         results = {}
         photo_record = {"image": str(path), "faces": len(faces), "measured_faces": len(measured)}
         if measured:
@@ -167,10 +168,16 @@ def evaluate_anonymization(anonymizer: Anonymizer, embedder: Embedder, threshold
         "per_photo": per_photo}
 
 
-def _compare_people(tally: dict, faces: list[Face], embeddings: np.ndarray, annotated: np.ndarray,
+def _annotated_person(face: Face, annotated: np.ndarray) -> int:
+    """The index of the annotated face this detection is (IoU >= TRUE_FACE_IOU, the largest); -1 for none."""
+    overlaps = [_iou(face.box, box) for box in annotated]
+    best = int(np.argmax(overlaps)) if overlaps else -1
+    return best if best >= 0 and overlaps[best] >= TRUE_FACE_IOU else -1
+
+
+def _compare_people(tally: dict, faces: list[Face], person: list[int], embeddings: np.ndarray,
                     threshold: float) -> None:
     """Counts pairs of faces matched to different annotated people whose originals match each other."""
-    person = [int(np.argmax([_iou(face.box, box) for box in annotated])) for face in faces]
     similarity = embeddings @ embeddings.T
     for i, j in zip(*np.triu_indices(len(faces), 1)):
         if person[i] == person[j]:  # two boxes on one annotated face
@@ -231,7 +238,8 @@ def _summary(total: dict, photos: int) -> dict:
 
 def annotated_faces(wider_root: Path) -> dict[Path, np.ndarray]:
     """Every WIDER dev photo's annotated faces as x1, y1, x2, y2, by the photo's path."""
-    return {wider_root / "images" / sample.relpath: xywh_to_xyxy(sample.boxes_xywh) for sample in load_wider(wider_root)}
+    return {wider_root / "images" / sample.relpath: xywh_to_xyxy(sample.boxes_xywh)
+            for sample in load_wider(wider_root)}
 
 
 def benchmark_photos(wider_root: Path | None, photos_dir: Path | None, limit: int) -> list[Path]:
